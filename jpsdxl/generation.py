@@ -1,0 +1,73 @@
+"""Stage 4: two-stage SDXL generation, base then refiner, with a latent hand-off.
+
+The base denoises the first ``high_noise_frac`` of the schedule (``denoising_end``) and returns *latents*; the
+refiner picks them up at the same point (``denoising_start``) and finishes, then decodes with the VAE. The base
+reads both text encoders (their penultimate hidden states concatenated, plus text_encoder_2's pooled
+projection); the refiner reads text_encoder_2 only, so it shares that encoder (and tokenizer_2, and the VAE)
+with the base. Swapping in Japanese encoders and tokenizers is a keyword argument to ``load_pipelines``.
+
+This file does not train or build models (``zoo.py``, ``hub.py`` load them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hub import resolve_all
+
+
+def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                   progress: bool = False):
+    """(base, refiner) pipelines for ``profile``, optionally with replacement encoders/tokenizers."""
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):  # loading bars are noise in notebooks; keep them for big models
+        lib.enable_progress_bar() if progress else lib.disable_progress_bar()
+    dtype, device = profile.torch_dtype(), profile.torch_device()
+    swap = {k: v for k, v in dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                  tokenizer_2=tokenizer_2).items() if v is not None}
+    swap = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in swap.items()}
+    # resolve everything first: offline, one message names every missing model before anything loads
+    folders = resolve_all({"SDXL base": profile.models.base, "SDXL refiner": profile.models.refiner,
+                           "VAE": profile.models.vae})
+    if "VAE" in folders:
+        swap["vae"] = AutoencoderKL.from_pretrained(folders["VAE"], dtype=dtype)
+    base = StableDiffusionXLPipeline.from_pretrained(folders["SDXL base"], dtype=dtype, **swap)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        folders["SDXL refiner"], dtype=dtype,
+        text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae)
+    for pipe in (base, refiner):
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=not progress)
+    return base, refiner
+
+
+@torch.no_grad()
+def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidance_scale: float,
+              high_noise_frac: float, height: int, width: int, seed: int = 0, output_type: str = "pil"):
+    """Base until ``high_noise_frac`` of the schedule, hand the latents over, refiner to the end.
+
+    Returns the refiner's images (PIL by default) and the hand-off latents.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    # one generator per prompt, all from the same seed: prompt i's noise does not depend on the batch
+    device = base._execution_device
+    make = lambda: [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts]  # noqa: E731
+    latents = base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, denoising_end=high_noise_frac, height=height, width=width,
+                   generator=make(), output_type="latent").images
+    images = refiner(prompt=prompts, negative_prompt=negative_prompt, image=latents, num_inference_steps=steps,
+                     guidance_scale=guidance_scale, denoising_start=high_noise_frac, generator=make(),
+                     output_type=output_type).images
+    return images, latents.to(device)
+
+
+def generate(profile, base, refiner, prompt, **overrides):
+    """``two_stage`` with the profile's sizes, steps and guidance (keyword arguments override them)."""
+    g = profile.generate
+    kw = dict(steps=g.steps, guidance_scale=g.guidance_scale, high_noise_frac=g.high_noise_frac, height=g.height,
+              width=g.width, seed=profile.seed)
+    return two_stage(base, refiner, prompt, **{**kw, **overrides})

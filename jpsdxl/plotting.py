@@ -1,0 +1,60 @@
+"""Plots with readable Japanese, and small display helpers for the notebooks.
+
+Matplotlib's default font has no Japanese glyphs, so labels come out as tofu boxes (□□□). We register
+IPAexGothic, which the ``matplotlib-fontja`` package ships inside its wheel (IPA Font License): it works offline,
+in CI and on Colab alike, with no system font install. We do not ``import matplotlib_fontja`` (it restyles
+matplotlib as an import side effect); we only locate its font file.
+
+This file computes nothing that a test should trust: measurements live in the stage modules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+JAPANESE_FONT = "IPAexGothic"
+
+
+def japanese_font_path() -> Path:
+    spec = importlib.util.find_spec("matplotlib_fontja")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("matplotlib-fontja is not installed: `pip install matplotlib-fontja` (Japanese font).")
+    return Path(list(spec.submodule_search_locations)[0]) / "fonts" / "ipaexg.ttf"
+
+
+def use_japanese_font() -> str:
+    """Register IPAexGothic with matplotlib and make it the default; returns the family name."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    font_manager.fontManager.addfont(str(japanese_font_path()))
+    matplotlib.rcParams["font.family"] = [JAPANESE_FONT, "DejaVu Sans"]
+    matplotlib.rcParams["axes.unicode_minus"] = False  # IPAexGothic lacks U+2212; use ASCII minus
+    return JAPANESE_FONT
+
+
+def missing_glyphs(text: str, family: str = JAPANESE_FONT) -> list[str]:
+    """Characters of ``text`` that ``family`` cannot draw (they would show as tofu boxes)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(font_manager.findfont(family, fallback_to_default=False))
+    charmap = font.get_charmap()
+    return sorted({c for c in text if not c.isspace() and ord(c) not in charmap})
+
+
+def bar_compare(ax, labels, series: dict[str, list[float]], title: str = "", ylabel: str = "", fmt: str = "{:.2f}"):
+    """Grouped bars: one group per label, one bar per series, values written on the bars."""
+    import numpy as np
+
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+    ax.set_xticks(x, labels)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return ax

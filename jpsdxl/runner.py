@@ -1,0 +1,78 @@
+"""The notebook runner: execute every notebook in order with papermill, on one profile.
+
+For each ``notebooks/NN_*.ipynb`` it writes ``runs/<profile>/<NN_name>/``: the executed copy, an HTML export,
+and the ``metrics.json`` that the notebook itself saved (a notebook that saves none fails the run). A
+``summary.json`` beside them records wall times and headline numbers. The notebooks in the repository stay
+without outputs; executed copies live only under ``runs/``.
+
+This file is not the CLI (``cli.py``) and computes no metrics of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .profiles import load_profile
+from .runs import REPO_ROOT, load_metrics, runs_dir, write_json
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def notebooks(notebook_dir: str | Path = NOTEBOOK_DIR, only: list[str] | None = None) -> list[Path]:
+    found = sorted(Path(notebook_dir).glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        found = [nb for nb in found if any(nb.stem.startswith(o) for o in only)]
+    return found
+
+
+def export_html(executed: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    out = executed.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_root: str | Path | None = None,
+                  notebook_dir: str | Path = NOTEBOOK_DIR, html: bool = True, progress: bool = True) -> list[dict]:
+    """Execute the notebooks in order; stop at the first failure with the cell that failed."""
+    import papermill
+    from tqdm.auto import tqdm
+
+    name = load_profile(profile).name  # fail early on a bad profile, before any kernel starts
+    todo = notebooks(notebook_dir, only)
+    if not todo:
+        raise FileNotFoundError(f"No notebooks matching {only or 'NN_*.ipynb'} in {notebook_dir}")
+    summary = []
+    for nb in tqdm(todo, desc=f"notebooks ({name})", disable=not progress):
+        out_dir = runs_dir(name, nb.stem, runs_root)
+        (out_dir / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's
+        executed = out_dir / nb.name
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(nb), str(executed), parameters={"profile": str(profile),
+                                       "run_dir": str(out_dir)}, cwd=str(nb.parent), progress_bar=False,
+                                       kernel_name="python3")
+        except papermill.PapermillExecutionError as e:
+            raise NotebookFailed(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                                 f"The executed copy with the traceback: {executed}") from None
+        seconds = round(time.perf_counter() - start, 1)
+        if html:
+            export_html(executed)
+        metrics = load_metrics(out_dir)
+        if not metrics:
+            raise NotebookFailed(f"{nb.name} ran but saved no metrics.json in {out_dir}")
+        summary.append({"notebook": nb.stem, "seconds": seconds, "executed": str(executed), "metrics": metrics})
+        tqdm.write(f"{nb.stem}: {seconds:.1f} s")
+    write_json(runs_dir(name, root=runs_root) / "summary.json",
+               {"profile": name, "total_seconds": round(sum(r["seconds"] for r in summary), 1),
+                "notebooks": summary, "cache": os.environ.get("JPSDXL_CACHE", "~/.cache/jpsdxl")})
+    return summary

@@ -1,0 +1,157 @@
+"""The offline model zoo: SDXL base + refiner built from configs, saved as diffusers folders.
+
+Two recipes, one builder:
+
+* ``tiny``: random-init, minutes on a CPU. Text encoders of *different* widths (64 and 96) so that a mix-up
+  between ``text_encoder`` and ``text_encoder_2`` fails loudly instead of silently training the wrong thing.
+* ``sdxl``: the real SDXL 1.0 shapes (ViT-L + bigG text towers, 2.6B-parameter UNet) with random weights,
+  for measuring speed and memory on a GPU without downloading 15 GB.
+
+Both get SDXL's own two CLIP tokenizers, built from the BPE vocabulary that open_clip_torch ships. A recipe is
+built deterministically from its seed into ``<cache>/zoo/<recipe>-<hash>/{base,refiner}`` and then loaded the
+only way any model is loaded here: ``from_pretrained(<folder>)``, the same call that takes a hub id in ``full``.
+The base and refiner share one ``text_encoder_2`` and one VAE, as the real pair does.
+
+This file does not resolve hub ids (``hub.py``) or train anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+from .runs import atomic_path, cache_dir
+
+
+def _text_encoder(hidden: int, layers: int, heads: int, projection: int, act: str) -> dict:
+    # The special ids are those of stabilityai's SDXL configs: legacy (bos 0, eos 2, pad 1), which makes
+    # transformers pool at argmax(input_ids), i.e. at <|endoftext|> = 49407, the largest CLIP id. A Japanese
+    # copy must not inherit eos_token_id=2 (see encoders.py).
+    return dict(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=77, projection_dim=projection, hidden_act=act,
+                layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                  timestep_spacing="leading", prediction_type="epsilon", num_train_timesteps=1000)
+
+
+def _recipe(te1: dict, te2: dict, time_dim: int, base_unet: dict, refiner_unet: dict, vae: dict, seed: int = 0) -> dict:
+    """Wire the UNet widths to the text encoders exactly as SDXL does."""
+    return dict(
+        seed=seed, text_encoder=te1, text_encoder_2=te2, vae=vae, scheduler=_SCHEDULER,
+        unet_base=dict(base_unet, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                       # the base reads concat(h[-2] of te1, h[-2] of te2) ...
+                       cross_attention_dim=te1["hidden_size"] + te2["hidden_size"],
+                       # ... and pooled te2 + 6 size/crop ids (original size, crop top-left, target size)
+                       projection_class_embeddings_input_dim=6 * time_dim + te2["projection_dim"]),
+        unet_refiner=dict(refiner_unet, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                          cross_attention_dim=te2["hidden_size"],  # the refiner sees text_encoder_2 only
+                          # pooled te2 + 5 ids (original size, crop, aesthetic score)
+                          projection_class_embeddings_input_dim=5 * time_dim + te2["projection_dim"]),
+    )
+
+
+_TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                  use_linear_projection=True, transformer_layers_per_block=(1, 2), norm_num_groups=32)
+
+RECIPES = {
+    "tiny": _recipe(
+        te1=_text_encoder(64, 4, 4, 64, "quick_gelu"),
+        te2=_text_encoder(96, 4, 4, 96, "gelu"),
+        time_dim=8,
+        base_unet=_TINY_UNET,
+        refiner_unet=_TINY_UNET,
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), sample_size=64,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 norm_num_groups=32),
+    ),
+    "sdxl": _recipe(  # stabilityai/stable-diffusion-xl-{base,refiner}-1.0 shapes
+        te1=_text_encoder(768, 12, 12, 768, "quick_gelu"),  # CLIP ViT-L/14 text tower
+        te2=_text_encoder(1280, 32, 20, 1280, "gelu"),  # OpenCLIP ViT-bigG/14 text tower
+        time_dim=256,
+        base_unet=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                       block_out_channels=(320, 640, 1280),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                       use_linear_projection=True, norm_num_groups=32),
+        refiner_unet=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                          block_out_channels=(384, 768, 1536, 1536),
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                          attention_head_dim=(6, 12, 24, 24), transformer_layers_per_block=4,
+                          use_linear_projection=True, norm_num_groups=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=2, sample_size=1024, scaling_factor=0.13025, norm_num_groups=32),
+    ),
+}
+
+
+def recipe_key(name: str) -> str:
+    """Folder name of a recipe: changes whenever the recipe (configs or seed) changes."""
+    blob = json.dumps(RECIPES[name], sort_keys=True, default=list).encode()
+    return f"{name}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
+
+def build_components(name: str):
+    """Instantiate a recipe's models, each from ``torch.manual_seed(seed)``: same seed, same weights."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    r = copy.deepcopy(RECIPES[name])
+
+    def seeded(make, offset):
+        torch.manual_seed(r["seed"] + offset)  # one seed per component: a change to one leaves the others alone
+        return make()
+
+    return dict(
+        text_encoder=seeded(lambda: CLIPTextModel(CLIPTextConfig(**r["text_encoder"])), 0),
+        text_encoder_2=seeded(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**r["text_encoder_2"])), 1),
+        vae=seeded(lambda: AutoencoderKL(**r["vae"]), 2),
+        unet_base=seeded(lambda: UNet2DConditionModel(**r["unet_base"]), 3),
+        unet_refiner=seeded(lambda: UNet2DConditionModel(**r["unet_refiner"]), 4),
+        scheduler=EulerDiscreteScheduler(**r["scheduler"]),
+    )
+
+
+def build_recipe(name: str, out_dir: str | Path) -> Path:
+    """Build recipe ``name`` into ``out_dir/{base,refiner}`` as diffusers pipeline folders."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from .tokenization import build_sdxl_clip_tokenizers
+
+    if name not in RECIPES:
+        raise ValueError(f"No zoo recipe {name!r}; available: {sorted(RECIPES)}")
+    c = build_components(name)
+    tokenizer, tokenizer_2 = build_sdxl_clip_tokenizers()
+    base = StableDiffusionXLPipeline(
+        vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=c["unet_base"], scheduler=c["scheduler"], force_zeros_for_empty_prompt=True)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=c["vae"], text_encoder=None, text_encoder_2=c["text_encoder_2"], tokenizer=None, tokenizer_2=tokenizer_2,
+        unet=c["unet_refiner"], scheduler=c["scheduler"], requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False)
+    out_dir = Path(out_dir)
+    base.save_pretrained(out_dir / "base")
+    refiner.save_pretrained(out_dir / "refiner")
+    (out_dir / "zoo.json").write_text(json.dumps({"recipe": name, **RECIPES[name]}, indent=2, default=list))
+    return out_dir
+
+
+def build_from_zoo(spec: str) -> Path:
+    """``zoo:<recipe>/<part>`` -> the cached folder of that part, building the recipe on first use."""
+    name, _, part = spec.removeprefix("zoo:").partition("/")
+    if name not in RECIPES or part not in ("base", "refiner"):
+        raise ValueError(f"{spec!r}: expected zoo:<recipe>/base or zoo:<recipe>/refiner, recipes {sorted(RECIPES)}")
+    folder = cache_dir("zoo") / recipe_key(name)
+    if not (folder / "zoo.json").exists():
+        with atomic_path(folder) as tmp:
+            build_recipe(name, tmp)
+    return folder / part
