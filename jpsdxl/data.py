@@ -103,7 +103,10 @@ class BadLines:
             warnings.warn(str(self), stacklevel=3)
 
 
-def _check_pair(ja: str | None, en: str | None, line_no: int, report: BadLines) -> Pair | None:
+def _check_pair(ja, en, line_no: int, report: BadLines) -> Pair | None:
+    if not isinstance(ja, (str, type(None))) or not isinstance(en, (str, type(None))):
+        report.add(line_no, "a side is not text")
+        return None
     ja, en = normalize_text(ja or ""), normalize_text(en or "")
     if not ja or not en:
         report.add(line_no, "empty Japanese side" if not ja else "empty English side")
@@ -122,6 +125,27 @@ def _decoded_lines(path: Path, report: BadLines) -> Iterator[tuple[int, str]]:
                 report.add(line_no, "undecodable bytes (not UTF-8)")
 
 
+class _Skip(Exception):
+    """Raised by a line parser: the line is bad for the reason given."""
+
+
+def _read_pairs(path: str | Path, parse) -> tuple[list[Pair], BadLines]:
+    """Shared loop of the file readers: decode, skip blank lines, ``parse`` each line to (ja, en), check, count."""
+    report, pairs = BadLines(str(path)), []
+    for line_no, text in _decoded_lines(Path(path), report):
+        try:
+            if not text.strip():
+                raise _Skip("blank line")
+            ja, en = parse(text)
+        except _Skip as skip:
+            report.add(line_no, str(skip))
+            continue
+        if (pair := _check_pair(ja, en, line_no, report)) is not None:
+            pairs.append(pair)
+    report.kept = len(pairs)
+    return pairs, report
+
+
 def read_pairs_tsv(
     path: str | Path, ja_col: int = 0, en_col: int = 1, ncols: int | None = 2, missing: str | None = None
 ) -> tuple[list[Pair], BadLines]:
@@ -131,46 +155,32 @@ def read_pairs_tsv(
     ``missing``: a placeholder meaning "no translation" (Tatoeba's ``-``); such lines are counted apart,
     as they are expected, not broken.
     """
-    path = Path(path)
-    report, pairs = BadLines(str(path)), []
     need = max(ja_col, en_col) + 1
-    for line_no, text in _decoded_lines(path, report):
-        if not text.strip():
-            report.add(line_no, "blank line")
-            continue
+
+    def parse(text: str) -> tuple[str, str]:
         cols = text.split("\t")
         if (ncols is not None and len(cols) != ncols) or len(cols) < need:
-            report.add(line_no, f"wrong column count (expected {ncols or need}, got {len(cols)})")
-            continue
+            raise _Skip(f"wrong column count (expected {ncols or need}, got {len(cols)})")
         if missing is not None and missing in (cols[ja_col], cols[en_col]):
-            report.add(line_no, f"no translation ({missing!r} placeholder)")
-            continue
-        if (pair := _check_pair(cols[ja_col], cols[en_col], line_no, report)) is not None:
-            pairs.append(pair)
-    report.kept = len(pairs)
-    return pairs, report
+            raise _Skip(f"no translation ({missing!r} placeholder)")
+        return cols[ja_col], cols[en_col]
+
+    return _read_pairs(path, parse)
 
 
 def read_pairs_jsonl(path: str | Path, ja_field: str = "ja", en_field: str = "en") -> tuple[list[Pair], BadLines]:
     """Read JA-EN pairs from a JSON-lines file, one object per line."""
-    path = Path(path)
-    report, pairs = BadLines(str(path)), []
-    for line_no, text in _decoded_lines(path, report):
-        if not text.strip():
-            report.add(line_no, "blank line")
-            continue
+
+    def parse(text: str) -> tuple[str, str]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
-            report.add(line_no, "invalid JSON")
-            continue
+            raise _Skip("invalid JSON") from None
         if not isinstance(obj, dict) or ja_field not in obj or en_field not in obj:
-            report.add(line_no, f"missing field {ja_field!r} or {en_field!r}")
-            continue
-        if (pair := _check_pair(obj[ja_field], obj[en_field], line_no, report)) is not None:
-            pairs.append(pair)
-    report.kept = len(pairs)
-    return pairs, report
+            raise _Skip(f"missing field {ja_field!r} or {en_field!r}")
+        return obj[ja_field], obj[en_field]
+
+    return _read_pairs(path, parse)
 
 
 def iter_pairs_datasets(

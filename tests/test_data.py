@@ -29,10 +29,12 @@ def test_tsv_normalises_nfkc(tmp_path):
 def test_jsonl_bad_lines(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join([json.dumps({"ja": "猫", "en": "cat"}, ensure_ascii=False), "{not json",
-                            json.dumps({"ja": "犬"}), json.dumps({"ja": "", "en": "x"}), "[1, 2]"]) + "\n")
+                            json.dumps({"ja": "犬"}), json.dumps({"ja": "", "en": "x"}), "[1, 2]",
+                            json.dumps({"ja": 3, "en": "three"})]) + "\n")
     pairs, report = data.read_pairs_jsonl(f)
     assert pairs == [("猫", "cat")]
-    assert report.lines == {"invalid JSON": [2], "missing field 'ja' or 'en'": [3, 5], "empty Japanese side": [4]}
+    assert report.lines == {"invalid JSON": [2], "missing field 'ja' or 'en'": [3, 5], "empty Japanese side": [4],
+                            "a side is not text": [6]}
 
 
 def test_datasets_streaming_reports_bad_records(tmp_path):
