@@ -59,7 +59,8 @@ def profile_table() -> list[dict]:
         p = load_profile(name)
         rows.append({"profile": name, "device": p.device, "dtype": p.dtype, "base": p.models.base,
                      "tokenizer": p.tokenizer.source, "image": f"{p.generate.width}x{p.generate.height}",
-                     "minutes (notebooks so far)": sum(p.expected_minutes.values()), "what for": p.description})
+                     "measured minutes (notebooks so far)": round(sum(p.expected_minutes.values()), 1)
+                     if p.expected_minutes else "not measured yet", "what for": p.description})
     return rows
 
 

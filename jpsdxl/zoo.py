@@ -89,7 +89,7 @@ RECIPES = {
         vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                  layers_per_block=2, sample_size=1024, scaling_factor=0.13025, norm_num_groups=32),
-    ),
+    ) | {"save_dtype": "float16"},  # 5.7B random parameters: store them as the hub's fp16 variant would (11 GB)
 }
 
 
@@ -130,6 +130,11 @@ def build_recipe(name: str, out_dir: str | Path) -> Path:
     if name not in RECIPES:
         raise ValueError(f"No zoo recipe {name!r}; available: {sorted(RECIPES)}")
     c = build_components(name)
+    if "save_dtype" in RECIPES[name]:
+        import torch
+
+        dtype = getattr(torch, RECIPES[name]["save_dtype"])
+        c = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in c.items()}
     tokenizer, tokenizer_2 = build_sdxl_clip_tokenizers()
     base = StableDiffusionXLPipeline(
         vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=tokenizer,
