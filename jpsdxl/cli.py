@@ -24,7 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("env", help="print versions, CPU, memory, GPU")
     sub.add_parser("profiles", help="list the profiles")
     args = parser.parse_args(argv)
+    from .hub import ModelNotAvailable
 
+    try:
+        return _dispatch(args)
+    except (FileNotFoundError, ValueError, ModelNotAvailable) as e:  # bad profile, bad data, missing model
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
     if args.command == "run":
         from .runner import NotebookFailed, run_notebooks
 

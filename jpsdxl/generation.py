@@ -18,11 +18,14 @@ from .hub import resolve_all
 
 def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
                    progress: bool = False):
-    """(base, refiner) pipelines for ``profile``, optionally with replacement encoders/tokenizers."""
-    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    """(base, refiner) pipelines for ``profile``, optionally with replacement encoders/tokenizers.
 
+    Replacement encoders are cast to the profile's dtype (in place, as ``nn.Module.to`` does) and shared by both
+    pipelines: the refiner gets the base's ``text_encoder_2``, ``tokenizer_2`` and VAE.
+    """
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     for lib in (diffusers_logging, transformers_logging):  # loading bars are noise in notebooks; keep them for big models
         lib.enable_progress_bar() if progress else lib.disable_progress_bar()
@@ -54,7 +57,6 @@ def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidan
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     # one generator per prompt, all from the same seed: prompt i's noise does not depend on the batch
-    device = base._execution_device
     make = lambda: [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts]  # noqa: E731
     latents = base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
                    guidance_scale=guidance_scale, denoising_end=high_noise_frac, height=height, width=width,
@@ -62,7 +64,7 @@ def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidan
     images = refiner(prompt=prompts, negative_prompt=negative_prompt, image=latents, num_inference_steps=steps,
                      guidance_scale=guidance_scale, denoising_start=high_noise_frac, generator=make(),
                      output_type=output_type).images
-    return images, latents.to(device)
+    return images, latents
 
 
 def generate(profile, base, refiner, prompt, **overrides):

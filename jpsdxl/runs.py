@@ -41,9 +41,10 @@ def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None 
 
 @contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; on success rename it onto ``dest`` in one step.
+    """Yield a temporary path beside ``dest``; on success rename it onto ``dest``.
 
-    Works for files and folders. On error the temporary is removed and ``dest`` is untouched.
+    Works for files and folders (an existing folder is moved aside, then replaced: two renames). On error the
+    temporary is removed and ``dest`` is untouched, so a reader never sees half an artefact.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

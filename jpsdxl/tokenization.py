@@ -124,19 +124,22 @@ def sentencepiece_to_fast(model_file: str | Path, specials: dict[str, str] | Non
     from transformers import PreTrainedTokenizerFast
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    specials = specials or {
-        role: sp.id_to_piece(i) for role, i in
-        dict(pad=sp.pad_id(), unk=sp.unk_id(), bos=sp.bos_id(), eos=sp.eos_id()).items() if i >= 0}
-    for role in ("bos", "eos", "unk"):
-        if role not in specials or sp.piece_to_id(specials[role]) == sp.unk_id() and role != "unk":
-            raise ValueError(f"{model_file}: no {role} piece (have {specials}); pass specials={{'{role}': '<piece>'}}")
-    specials.setdefault("pad", specials["eos"])
-    ids = {role: sp.piece_to_id(piece) for role, piece in specials.items()}
+    own = dict(pad=sp.pad_id(), unk=sp.unk_id(), bos=sp.bos_id(), eos=sp.eos_id())
+    specials = dict(specials) if specials else {role: sp.id_to_piece(i) for role, i in own.items() if i >= 0}
+    ids = {role: sp.piece_to_id(piece) for role, piece in specials.items()}  # unknown pieces map to unk's id
+    for role in ("bos", "eos"):
+        if ids.get(role, sp.unk_id()) == sp.unk_id():
+            raise ValueError(f"{model_file}: no {role} piece among {specials}; pass specials={{'{role}': '<piece>'}}")
+    specials.setdefault("unk", sp.id_to_piece(sp.unk_id()))
+    if ids.get("pad", sp.unk_id()) == sp.unk_id():  # no pad piece: pad with EOS, as SDXL's first tokenizer does
+        specials["pad"], ids["pad"] = specials["eos"], ids["eos"]
 
     order = list(range(sp.get_piece_size()))  # fast id -> sentencepiece id
     if ids["eos"] == 2:
         other = ids["pad"] if ids["pad"] != ids["eos"] else next(
-            i for i in range(3, len(order)) if sp.is_control(i) or sp.is_unused(i))
+            (i for i in range(3, len(order)) if sp.is_control(i) or sp.is_unused(i)), None)
+        if other is None:
+            raise ValueError(f"{model_file}: EOS has id 2 and no other control piece to trade ids with")
         order[2], order[other] = order[other], order[2]
     # Control pieces never come out of sentencepiece's segmentation; give them a score no text would pick.
     floor = min(sp.get_score(i) for i in order) - 10.0
