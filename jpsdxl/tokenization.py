@@ -33,6 +33,7 @@ from .data import normalize_text
 from .runs import atomic_path, cache_dir
 
 MAX_LENGTH = 77  # SDXL's text context, both encoders
+FAST_LAYOUT_VERSION = 2  # bump when sentencepiece_to_fast changes, so cached fast tokenizers are rebuilt
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 # Names of the Japanese special pieces when we train the model ourselves: CLIP's own names, so that layouts
 # read the same side by side. Ids: pad 0, unk 1, bos 2, eos 3 (never eos 2: see encoders.py).
@@ -148,8 +149,12 @@ def sentencepiece_to_fast(model_file: str | Path, specials: dict[str, str] | Non
     unk_id = order.index(sp.unk_id())
 
     tk = Tokenizer(models.Unigram(vocab, unk_id=unk_id, byte_fallback=byte_fallback))
-    tk.normalizer = normalizers.Sequence([
-        normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+    # NFKC first (tokenizers' Precompiled alone splits half-width ｶﾞ into カ + an unknown mark), then the model's
+    # own table (NFKC for ours; nmt_nfkc for LINE's adds e.g. zero-width space -> space), then whitespace runs
+    # -> one space, trimmed, as sentencepiece does.
+    table = _normalization_table(model_file)
+    tk.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Precompiled(table)] if table else []) + [
+        normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     bos, eos = specials["bos"], specials["eos"]
@@ -160,6 +165,15 @@ def sentencepiece_to_fast(model_file: str | Path, specials: dict[str, str] | Non
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token=bos, eos_token=eos, unk_token=specials["unk"], pad_token=pad,
         model_max_length=max_length, padding_side="right", truncation_side="right")
+
+
+def _normalization_table(model_file: str | Path) -> bytes:
+    """The precompiled character map in a sentencepiece model (empty for the "identity" rule). Needs protobuf."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    return proto.normalizer_spec.precompiled_charsmap
 
 
 def _specials_from_folder(folder: Path) -> dict[str, str] | None:
@@ -209,7 +223,8 @@ def japanese_tokenizers(profile, japanese_texts: Sequence[str] | None = None):
     from transformers import AutoTokenizer
 
     model, specials = sentencepiece_model(profile, japanese_texts)
-    folder = model.parent / f"fast-{hashlib.sha256(model.read_bytes()).hexdigest()[:12]}"
+    key = hashlib.sha256(model.read_bytes() + f"{FAST_LAYOUT_VERSION}{specials}".encode()).hexdigest()[:12]
+    folder = model.parent / f"fast-{key}"
     if not (folder / "tokenizer_2").exists():
         with atomic_path(folder) as tmp:
             for sub, pad_with in (("tokenizer", "eos"), ("tokenizer_2", "pad")):

@@ -121,6 +121,16 @@ def test_eos_id_2_is_moved(tmp_path, splits):
     assert T.sentencepiece_agreement(model, tok, [ja for ja, _ in splits.test[:300]])["agreement"] == 1.0
 
 
+def test_nmt_nfkc_model_normalisation_is_reproduced(tmp_path, splits):
+    """LINE's model uses sentencepiece's default nmt_nfkc rule: its table is applied, after NFKC."""
+    model = _line_like_model(tmp_path, splits)  # trained with the default rule, nmt_nfkc
+    tok = T.sentencepiece_to_fast(model)
+    same = ["猫\u200b犬", "ｶﾞｷﾞ", "猫\u3000犬", "猫\t犬", "ＡＢＣ", "①番", "  猫  ", "", "猫😀"]
+    assert T.sentencepiece_agreement(model, tok, same)["agreement"] == 1.0
+    # the one known difference: NFKC maps the full-width tilde to "~" (as our data is); nmt_nfkc keeps it
+    assert T.sentencepiece_agreement(model, tok, ["猫～犬"])["agreement"] == 0.0
+
+
 def test_hub_tokenizer_path_on_local_stand_in(tmp_path, splits, tiny):
     """profile.tokenizer.source = <hub id or folder>: the path `full` takes, on a local folder."""
     import dataclasses
