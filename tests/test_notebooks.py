@@ -1,7 +1,7 @@
 """The tutorial end to end: every notebook executed by papermill on `tiny`, then re-executed by nbval.
 
-nbval (lax mode) re-runs the executed copies and compares the outputs of the cells marked
-``# NBVAL_CHECK_OUTPUT``: a check that the tutorial's numbers are reproducible from its seed.
+nbval (lax mode) re-runs the executed copies and compares the outputs of the cells tagged
+``nbval-check-output``: a check that the tutorial's numbers are reproducible from its seed.
 """
 
 import json
@@ -30,6 +30,7 @@ def test_committed_notebooks_are_clean_and_well_formed():
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
         assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
+        assert any("nbval-check-output" in c.metadata.get("tags", []) for c in code), f"{path.name}: nothing for nbval"
         first, last = nb.cells[0].source, nb.cells[-1].source
         assert "What you will learn" in first and "How long it takes" in first and "概要" in first
         assert "What to check" in last and "Exercise" in last
@@ -65,11 +66,29 @@ def test_tutorial_numbers_say_what_the_text_says(tutorial):
     assert m1["clip_overflow_rate_77"] > m1["ja_overflow_rate_77"]
 
 
+def _nbval(root, notebooks):
+    return subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
+                           "--rootdir", str(root), *map(str, notebooks)], capture_output=True, text=True,
+                          cwd=NOTEBOOK_DIR)
+
+
 @pytest.mark.slow
 def test_outputs_reproduce_under_nbval(tutorial):
     root, _ = tutorial
-    executed = sorted(str(p) for p in (root / "tiny").glob("*/*.ipynb"))
-    done = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
-                           "--rootdir", str(root), *executed], capture_output=True, text=True, cwd=NOTEBOOK_DIR)
+    done = _nbval(root, sorted((root / "tiny").glob("*/*.ipynb")))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+@pytest.mark.slow
+def test_nbval_catches_a_changed_number(tutorial, tmp_path):
+    """The reproducibility check can fail: alter one checked output of notebook 00 and nbval must object."""
+    root, _ = tutorial
+    nb = nbformat.read(root / "tiny" / "00_overview" / "00_overview.ipynb", as_version=4)
+    checked = [c for c in nb.cells if "nbval-check-output" in c.metadata.get("tags", [])]
+    for output in checked[0].outputs:
+        if "data" in output:
+            output.data = {"text/plain": output.data["text/plain"] + " (altered)"}
+    nbformat.write(nb, tmp_path / "00_overview.ipynb")
+    done = _nbval(tmp_path, [tmp_path / "00_overview.ipynb"])
+    assert done.returncode != 0 and "1 failed" in done.stdout, done.stdout[-2000:]
