@@ -14,22 +14,22 @@ import os
 from pathlib import Path
 
 
+ADVICE = """What to do:
+  * on a machine with internet: unset HF_HUB_OFFLINE (or run `hf download <model id>` once to cache it);
+  * without internet: point the profile at a local folder holding a copy of it;
+  * or use the offline profile: --profile tiny (papermill: -p profile tiny)."""
+
+
 class ModelNotAvailable(RuntimeError):
-    """A model the profile names cannot be had: offline and not cached, or not found."""
+    """Models the profile names cannot be had: offline and not cached, or not found. One line per model."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems) + "\n" + ADVICE)
 
 
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _missing(spec: str, what: str, why: str) -> ModelNotAvailable:
-    return ModelNotAvailable(
-        f"{what} {spec!r} is not available: {why}\n"
-        f"What to do:\n"
-        f"  * on a machine with internet: unset HF_HUB_OFFLINE (or run `hf download {spec}` once to cache it);\n"
-        f"  * without internet: point the profile at a local folder holding a copy of it;\n"
-        f"  * or use the offline profile: --profile tiny (papermill: -p profile tiny)."
-    )
 
 
 def resolve(spec: str, what: str = "model", allow_patterns: list[str] | None = None) -> Path:
@@ -42,7 +42,7 @@ def resolve(spec: str, what: str = "model", allow_patterns: list[str] | None = N
     if path.exists():
         return path
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelNotAvailable(f"{what} {spec!r}: no such folder, and not a hub id of the form 'owner/name'.")
+        raise ModelNotAvailable([f"{what} {spec!r}: no such folder, and not a hub id of the form 'owner/name'"])
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -50,22 +50,21 @@ def resolve(spec: str, what: str = "model", allow_patterns: list[str] | None = N
         return Path(snapshot_download(spec, allow_patterns=allow_patterns, local_files_only=is_offline()))
     except LocalEntryNotFoundError as e:
         why = "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache" if is_offline() else f"{e}"
-        raise _missing(spec, what, why) from None
+        raise ModelNotAvailable([f"{what} {spec!r} is not available: {why}"]) from None
     except Exception as e:  # network down, repo gated or renamed: say which model, keep the cause
-        raise _missing(spec, what, f"{type(e).__name__}: {e}") from e
+        raise ModelNotAvailable([f"{what} {spec!r} is not available: {type(e).__name__}: {e}"]) from e
 
 
 def resolve_all(specs: dict[str, str | None]) -> dict[str, Path]:
     """Resolve several models (role -> spec; None is skipped); report *every* missing one in one error."""
-    found, missing = {}, []
+    found, problems = {}, []
     for what, spec in specs.items():
         if spec is None:
             continue
         try:
             found[what] = resolve(spec, what)
         except ModelNotAvailable as e:
-            missing.append(str(e).split("\nWhat to do:")[0])
-    if missing:
-        advice = str(_missing("<id>", "", "")).split("\nWhat to do:")[1].replace("<id>", "<model id>")
-        raise ModelNotAvailable("\n".join(missing) + "\nWhat to do:" + advice)
+            problems += e.problems
+    if problems:
+        raise ModelNotAvailable(problems)
     return found

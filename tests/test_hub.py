@@ -8,8 +8,7 @@ from jpsdxl.profiles import load_profile
 
 def test_offline_full_fails_fast_with_instructions(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine holds
-    import huggingface_hub.constants
+    import huggingface_hub.constants  # an empty cache, whatever this machine holds
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     from jpsdxl.generation import load_pipelines
@@ -32,3 +31,14 @@ def test_local_folder_passes_through(tmp_path):
 def test_nonsense_spec():
     with pytest.raises(ModelNotAvailable, match="no such folder"):
         resolve("./not/here")
+
+
+def test_offline_hub_tokenizer_names_itself(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    from jpsdxl.tokenization import japanese_tokenizers
+
+    with pytest.raises(ModelNotAvailable, match="Japanese tokenizer 'line-corporation/japanese-large-lm-3.6b'"):
+        japanese_tokenizers(load_profile("full"), japanese_texts=["猫"])
