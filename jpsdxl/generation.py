@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .hub import resolve_all
+from .hub import resolve_profile
+from .runs import quiet_hf_progress
 
 
 def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
@@ -21,27 +22,26 @@ def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=No
     """(base, refiner) pipelines for ``profile``, optionally with replacement encoders/tokenizers.
 
     Replacement encoders are cast to the profile's dtype (in place, as ``nn.Module.to`` does) and shared by both
-    pipelines: the refiner gets the base's ``text_encoder_2``, ``tokenizer_2`` and VAE.
+    pipelines: the refiner gets the base's ``text_encoder_2``, ``tokenizer_2`` and VAE. Hub pipelines are fetched
+    and loaded in the profile's weights variant (``models.variant``, e.g. fp16), and nothing else.
     """
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
     from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    for lib in (diffusers_logging, transformers_logging):  # loading bars are noise in notebooks; keep them for big models
-        lib.enable_progress_bar() if progress else lib.disable_progress_bar()
-    dtype, device = profile.torch_dtype(), profile.torch_device()
+    profile.check_device()  # before anything large is built or downloaded
+    dtype, device, m = profile.torch_dtype(), profile.torch_device(), profile.models
     swap = {k: v for k, v in dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                                   tokenizer_2=tokenizer_2).items() if v is not None}
     swap = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in swap.items()}
     # resolve everything first: offline, one message names every missing model before anything loads
-    folders = resolve_all({"SDXL base": profile.models.base, "SDXL refiner": profile.models.refiner,
-                           "VAE": profile.models.vae})
-    if "VAE" in folders:
-        swap["vae"] = AutoencoderKL.from_pretrained(folders["VAE"], dtype=dtype)
-    base = StableDiffusionXLPipeline.from_pretrained(folders["SDXL base"], dtype=dtype, **swap)
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        folders["SDXL refiner"], dtype=dtype,
-        text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae)
+    folders = resolve_profile(profile)
+    with quiet_hf_progress(progress):  # loading bars are noise in notebooks; keep them for big models
+        if "VAE" in folders:
+            swap["vae"] = AutoencoderKL.from_pretrained(folders["VAE"], dtype=dtype)
+        variant = {"variant": m.variant} if m.variant else {}
+        base = StableDiffusionXLPipeline.from_pretrained(folders["SDXL base"], dtype=dtype, **variant, **swap)
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            folders["SDXL refiner"], dtype=dtype, **variant,
+            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae)
     for pipe in (base, refiner):
         pipe.to(device)
         pipe.set_progress_bar_config(disable=not progress)

@@ -5,6 +5,12 @@ zoo built from configs, on ``full`` a hub snapshot. Offline (``HF_HUB_OFFLINE=1`
 the local cache fails here, at once, with a message that names the model and says what to do, instead of a
 stack trace from deep inside huggingface_hub halfway through a notebook.
 
+Only what ``from_pretrained`` will read is fetched. SDXL's hub repos hold every weight in several forms (Flax,
+ONNX, OpenVINO, fp32 and fp16 PyTorch, single-file checkpoints): a plain ``snapshot_download`` of the base
+alone is tens of GB. So a pipeline goes through diffusers' own ``DiffusionPipeline.download`` (it knows the
+component folders, ``variant="fp16"`` and safetensors), a single model fetches its config and one weights
+file, and a tokenizer its tokenizer files.
+
 This file builds nothing itself; zoo recipes live in ``zoo.py``.
 """
 
@@ -13,11 +19,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 ADVICE = """What to do:
   * on a machine with internet: unset HF_HUB_OFFLINE (or run `hf download <model id>` once to cache it);
   * without internet: point the profile at a local folder holding a copy of it;
   * or use the offline profile: --profile tiny (papermill: -p profile tiny)."""
+
+KINDS = ("pipeline", "model", "tokenizer")
+TOKENIZER_FILES = ["*.model", "tokenizer*.json", "special_tokens_map.json", "vocab*", "merges.txt"]
 
 
 class ModelNotAvailable(RuntimeError):
@@ -32,8 +40,32 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def resolve(spec: str, what: str = "model", allow_patterns: list[str] | None = None) -> Path:
-    """Local folder for ``spec``. ``what`` names the role in error messages (e.g. "SDXL base")."""
+def model_files(variant: str | None = None) -> list[str]:
+    """What ``ModelMixin.from_pretrained`` reads from a single-model repo (e.g. a replacement VAE)."""
+    weights = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    return ["config.json", f"{weights}.safetensors", f"{weights}.safetensors.index.json", f"{weights}-*.safetensors"]
+
+
+def _download(spec: str, kind: str, variant: str | None) -> Path:
+    offline = is_offline()
+    if kind == "pipeline":
+        from diffusers import DiffusionPipeline
+
+        return Path(DiffusionPipeline.download(spec, variant=variant, use_safetensors=True, local_files_only=offline))
+    from huggingface_hub import snapshot_download
+
+    patterns = model_files(variant) if kind == "model" else TOKENIZER_FILES
+    return Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=offline))
+
+
+def resolve(spec: str, what: str = "model", kind: str = "pipeline", variant: str | None = None) -> Path:
+    """Local folder for ``spec``. ``what`` names the role in error messages (e.g. "SDXL base").
+
+    ``kind``: "pipeline" (a diffusers pipeline repo), "model" (one diffusers model, e.g. a VAE) or "tokenizer".
+    ``variant``: the weights variant to fetch ("fp16" for SDXL's half-precision files), hub ids only.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     if spec.startswith("zoo:"):
         from .zoo import build_from_zoo
 
@@ -43,28 +75,49 @@ def resolve(spec: str, what: str = "model", allow_patterns: list[str] | None = N
         return path
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelNotAvailable([f"{what} {spec!r}: no such folder, and not a hub id of the form 'owner/name'"])
-    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(spec, allow_patterns=allow_patterns, local_files_only=is_offline()))
-    except LocalEntryNotFoundError as e:
+        return _download(spec, kind, variant)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
         why = "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache" if is_offline() else f"{e}"
         raise ModelNotAvailable([f"{what} {spec!r} is not available: {why}"]) from None
     except Exception as e:  # network down, repo gated or renamed: say which model, keep the cause
         raise ModelNotAvailable([f"{what} {spec!r} is not available: {type(e).__name__}: {e}"]) from e
 
 
-def resolve_all(specs: dict[str, str | None]) -> dict[str, Path]:
-    """Resolve several models (role -> spec; None is skipped); report *every* missing one in one error."""
+def resolve_all(specs: dict[str, tuple | str | None]) -> dict[str, Path]:
+    """Resolve several models (role -> spec or (spec, kind, variant); None is skipped); report *every* missing one."""
     found, problems = {}, []
     for what, spec in specs.items():
         if spec is None:
             continue
+        spec, kind, variant = (spec, "pipeline", None) if isinstance(spec, str) else spec
         try:
-            found[what] = resolve(spec, what)
+            found[what] = resolve(spec, what, kind, variant)
         except ModelNotAvailable as e:
             problems += e.problems
     if problems:
         raise ModelNotAvailable(problems)
     return found
+
+
+def profile_models(profile) -> dict[str, tuple[str, str, str | None]]:
+    """Every model a profile names, as role -> (spec, kind, variant): what a run will need to have."""
+    m, t = profile.models, profile.tokenizer
+    roles = {"SDXL base": (m.base, "pipeline", m.variant), "SDXL refiner": (m.refiner, "pipeline", m.variant)}
+    if m.vae:
+        roles["VAE"] = (m.vae, "model", None)
+    if t.source != "sentencepiece":
+        roles["Japanese tokenizer"] = (t.source, "tokenizer", None)
+    return roles
+
+
+def resolve_profile(profile) -> dict[str, Path]:
+    """Resolve (and on first use fetch or build) every model of ``profile``; offline, one error names all missing."""
+    return resolve_all(profile_models(profile))
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes of the files in ``folder`` (following the hub cache's links to its blobs): what a run fetched."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -14,7 +14,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from .hub import resolve
+from .hub import folder_size, resolve_profile
 from .profiles import available_profiles, load_profile
 
 # notebook stem -> (stage, module, what it teaches)
@@ -77,8 +77,9 @@ def _config(folder: Path, sub: str) -> dict:
 
 def conditioning_shapes(profile) -> dict:
     """What SDXL's UNets are fed, from the configs of the profile's base and refiner folders."""
-    base = resolve(profile.models.base, "SDXL base", allow_patterns=["*.json", "*.txt"])
-    refiner = resolve(profile.models.refiner, "SDXL refiner", allow_patterns=["*.json", "*.txt"])
+    profile.check_device()  # the zoo would otherwise build full-size models on a machine that cannot run them
+    folders = resolve_profile(profile)  # offline, one message names every missing model
+    base, refiner = folders["SDXL base"], folders["SDXL refiner"]
     te1, te2 = _config(base, "text_encoder"), _config(base, "text_encoder_2")
     ub, ur = _config(base, "unet"), _config(refiner, "unet")
     t = ub["addition_time_embed_dim"]
@@ -153,3 +154,23 @@ def component_table(base, refiner) -> list[dict]:
                          "retrained for Japanese": name.startswith("text_encoder"),
                          "shared with base": shared})
     return rows
+
+
+def recipe_parameter_counts(recipe: str = "sdxl") -> dict[str, int]:
+    """Parameters of each component of a zoo recipe, counted on the meta device (no memory, no download).
+
+    For the ``sdxl`` recipe these are SDXL 1.0's published sizes (a test pins them), so the real model's share
+    of retrained parameters can be shown on any machine.
+    """
+    import torch
+
+    from .zoo import build_components
+
+    with torch.device("meta"):
+        parts = build_components(recipe, scheduler=False)
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+
+
+def retrained_share(counts: dict[str, int]) -> float:
+    """Share of all parameters (base + refiner, shared parts once) that SD-XL 1.0-jp retrains: the text encoders."""
+    return sum(v for k, v in counts.items() if k.startswith("text_encoder")) / sum(counts.values())

@@ -11,18 +11,26 @@ Shipped profiles:
 * ``full``        the real recipe: SDXL 1.0 base/refiner and the LINE tokenizer from the hub, on a GPU.
 * ``full-random`` the real SDXL shapes with random weights, built locally: speed and memory without downloads.
 
+A profile is checked when it is loaded: unknown or missing keys, wrong types and impossible values are errors
+that name the file and the key. Relative paths in a profile (a data file, a model folder) are read against the
+profile file's own folder, so a profile means the same thing from any working directory.
+
 This file is not where models are loaded (``zoo.py``) or data read (``data.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class ModelsConfig:
     base: str  # hub id | local folder | zoo:<recipe>/base
     refiner: str  # hub id | local folder | zoo:<recipe>/refiner
     vae: str | None = None  # optional replacement VAE, e.g. an fp16-safe one
+    variant: str | None = None  # weights variant of hub pipelines, e.g. "fp16": fetch and load only those files
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class TokenizerConfig:
     source: str = "sentencepiece"  # "sentencepiece" (train locally) | hub id or folder holding spiece.model
     vocab_size: int = 8000  # locally trained sentencepiece only
     train_sentences: int = 100_000  # locally trained sentencepiece only
+    character_coverage: float = 0.9995  # locally trained: share of characters the vocabulary must cover
+    byte_fallback: bool = True  # locally trained: spell characters outside the vocabulary as UTF-8 bytes
     max_length: int = 77  # SDXL's text context
 
 
@@ -65,13 +76,14 @@ class Profile:
     name: str
     description: str
     models: ModelsConfig
-    device: str = "auto"  # "cpu" | "cuda" | "auto" (cuda when available)
+    device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "auto" (cuda when available)
     dtype: str = "float32"  # "float32" | "float16" | "bfloat16"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     expected_minutes: dict[str, float] = field(default_factory=dict)  # notebook stem -> minutes, for the docs
+    source: str | None = None  # the TOML file this profile was read from (set by load_profile)
 
     def torch_device(self):
         import torch
@@ -85,19 +97,107 @@ class Profile:
 
         return getattr(torch, self.dtype)
 
+    def check_device(self) -> None:
+        """Fail at once, saying which profile fits, when this machine lacks the profile's device."""
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ProfileError(f"profile {self.name!r} needs device {self.device!r} and this machine has no CUDA GPU. "
+                               f"Use --profile tiny (CPU, offline), or run on a GPU machine.")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise ProfileError(f"profile {self.name!r} needs device 'mps' (Apple GPU), not available here. "
+                               f"Use --profile tiny.")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file and the key."""
+
+
 _SECTIONS = {"models": ModelsConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "generate": GenerateConfig}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def _build(cls, values: dict[str, Any], where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+def _type_ok(value, hint) -> bool:
+    """Is ``value`` (as TOML gives it) of the annotated type? (str, int, float, bool, X | None, dict[str, float])"""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _type_ok(v, typing.get_args(hint)[1])
+                                               for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("NoneType", "none")
+
+
+def _build(cls, values, where: str, path: Path):
+    if not isinstance(values, dict):
+        raise ProfileError(f"{path}: {where} must be a table ([{where}] with key = value lines), not {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        raise ProfileError(f"{path}: unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}")
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ProfileError(f"{path}: {where} needs {', '.join(repr(m) for m in missing)} (see {PROFILE_DIR / 'tiny.toml'})")
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]):
+            continue
+        if not _type_ok(value, hints[key]):
+            raise ProfileError(f"{path}: {where}.{key} = {value!r} is not of type {_type_name(hints[key])}")
     return cls(**values)
+
+
+def _check_values(p: Profile, path: Path) -> None:
+    def bad(key, value, why):
+        raise ProfileError(f"{path}: {key} = {value!r}: {why}")
+
+    if not _NAME.fullmatch(p.name):
+        bad("name", p.name, "a profile name becomes a folder under runs/: use letters, digits, '.', '_' or '-' "
+                            "(up to 64, starting with a letter or digit)")
+    if p.dtype not in DTYPES:
+        bad("dtype", p.dtype, f"use one of {', '.join(DTYPES)}")
+    if not re.fullmatch(r"cpu|cuda|cuda:\d+|auto|mps", p.device):
+        bad("device", p.device, "use cpu, cuda, cuda:N, mps or auto")
+    for key, value in (("data.valid_fraction", p.data.valid_fraction), ("data.test_fraction", p.data.test_fraction)):
+        if not 0 <= value < 1:
+            bad(key, value, "a fraction between 0 and 1")
+    if p.data.valid_fraction + p.data.test_fraction >= 1:
+        bad("data.valid_fraction + test_fraction", p.data.valid_fraction + p.data.test_fraction, "leaves no training data")
+    for key, value, low in (("tokenizer.vocab_size", p.tokenizer.vocab_size, 100), ("generate.steps", p.generate.steps, 1),
+                            ("generate.height", p.generate.height, 8), ("generate.width", p.generate.width, 8),
+                            ("tokenizer.train_sentences", p.tokenizer.train_sentences, 1),
+                            ("tokenizer.max_length", p.tokenizer.max_length, 3)):
+        if value < low:
+            bad(key, value, f"must be at least {low}")
+    if p.data.max_pairs is not None and p.data.max_pairs < 1:
+        bad("data.max_pairs", p.data.max_pairs, "must be at least 1 (or left out for all pairs)")
+    if not 0 < p.tokenizer.character_coverage <= 1:
+        bad("tokenizer.character_coverage", p.tokenizer.character_coverage, "a share in (0, 1], e.g. 0.9995")
+    if not 0 < p.generate.high_noise_frac <= 1:
+        bad("generate.high_noise_frac", p.generate.high_noise_frac, "the hand-off point, in (0, 1], e.g. 0.8")
+
+
+def _local(value: str | None, folder: Path) -> str | None:
+    """A relative path that exists next to the profile file, made absolute; anything else as it is."""
+    if value is None or value.startswith(("zoo:", "hf:")) or Path(value).expanduser().is_absolute():
+        return value
+    candidate = folder / value
+    looks_like_path = value.startswith(".") or Path(value).suffix in (".tsv", ".txt", ".jsonl") or candidate.exists()
+    return str(candidate.resolve()) if looks_like_path else value
 
 
 def available_profiles() -> list[str]:
@@ -105,22 +205,38 @@ def available_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str | Path | Profile = "tiny") -> Profile:
-    """Load a shipped profile by name (``"tiny"``) or any profile TOML file by path."""
+    """Load a shipped profile by name (``"tiny"``) or any profile TOML file by path (relative to the cwd)."""
     if isinstance(name_or_path, Profile):
         return name_or_path
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix != ".toml":
         path = PROFILE_DIR / f"{name_or_path}.toml"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(
             f"No profile {str(name_or_path)!r}. Pick one of {available_profiles()} or pass the path of a .toml file "
             f"shaped like {PROFILE_DIR / 'tiny.toml'}."
         )
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    path = path.resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from None
     raw.setdefault("name", path.stem)
+    if "models" not in raw:
+        raise ProfileError(f"{path}: a profile needs a [models] section naming base and refiner")
     for key, cls in _SECTIONS.items():
         if key in raw:
-            raw[key] = _build(cls, raw[key], f"{path.name} [{key}]")
-    if "models" not in raw:
-        raise ValueError(f"{path.name}: a profile needs a [models] section naming base and refiner")
-    return _build(Profile, raw, path.name)
+            raw[key] = _build(cls, raw[key], key, path)
+    # paths inside a profile are relative to the profile file, not to wherever the reader happens to run
+    folder = path.parent
+    raw["models"] = dataclasses.replace(raw["models"], base=_local(raw["models"].base, folder),
+                                        refiner=_local(raw["models"].refiner, folder),
+                                        vae=_local(raw["models"].vae, folder))
+    if "data" in raw:
+        raw["data"] = dataclasses.replace(raw["data"], pairs=_local(raw["data"].pairs, folder))
+    if "tokenizer" in raw:
+        raw["tokenizer"] = dataclasses.replace(raw["tokenizer"], source=_local(raw["tokenizer"].source, folder))
+    raw["source"] = str(path)
+    profile = _build(Profile, raw, "the top level", path)
+    _check_values(profile, path)
+    return profile

@@ -10,10 +10,12 @@ This file is not the CLI (``cli.py``) and computes no metrics of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
+from .hub import is_offline, resolve_profile
 from .profiles import load_profile
 from .runs import REPO_ROOT, load_metrics, runs_dir, write_json
 
@@ -41,13 +43,36 @@ def export_html(executed: Path) -> Path:
     return out
 
 
+def _caller_path(value: str | Path | None) -> str | None:
+    """A relative path the caller typed, made absolute against the caller's working directory.
+
+    The notebooks run with ``notebooks/`` as their working directory; a relative path passed on unchanged
+    would silently point somewhere else there.
+    """
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
 def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_root: str | Path | None = None,
                   notebook_dir: str | Path = NOTEBOOK_DIR, html: bool = True, progress: bool = True) -> list[dict]:
-    """Execute the notebooks in order; stop at the first failure with the cell that failed."""
-    import papermill
+    """Execute the notebooks in order; stop at the first failure with the cell that failed.
+
+    ``summary.json`` is merged: a run of some notebooks replaces their entries and keeps the others'.
+    """
+    try:
+        import papermill
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("running the notebooks needs the notebooks extra: pip install -e '.[notebooks]' "
+                                  "(make tutorial installs it)") from None
     from tqdm.auto import tqdm
 
-    name = load_profile(profile).name  # fail early on a bad profile, before any kernel starts
+    if str(profile).endswith(".toml"):
+        profile = _caller_path(profile)
+    runs_root = _caller_path(runs_root)
+    loaded = load_profile(profile)  # fail early on a bad profile, before any kernel starts
+    loaded.check_device()
+    if is_offline():
+        resolve_profile(loaded)  # offline, every missing model is named now, not in some cell minutes later
+    name = loaded.name
     todo = notebooks(notebook_dir, only)
     if not todo:
         raise FileNotFoundError(f"No notebooks matching {only or 'NN_*.ipynb'} in {notebook_dir}")
@@ -60,7 +85,10 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
         try:
             papermill.execute_notebook(str(nb), str(executed), parameters={"profile": str(profile),
                                        "run_dir": str(out_dir)}, cwd=str(nb.parent), progress_bar=False,
-                                       kernel_name="python3")
+                                       kernel_name="python3",
+                                       # the kernel's "running over TCP without encryption" notice is noise on a
+                                       # kernel that only this process talks to, on this machine
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
         except papermill.PapermillExecutionError as e:
             raise NotebookFailed(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                                  f"The executed copy with the traceback: {executed}") from None
@@ -72,7 +100,16 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
             raise NotebookFailed(f"{nb.name} ran but saved no metrics.json in {out_dir}")
         summary.append({"notebook": nb.stem, "seconds": seconds, "executed": str(executed), "metrics": metrics})
         tqdm.write(f"{nb.stem}: {seconds:.1f} s")
-    write_json(runs_dir(name, root=runs_root) / "summary.json",
-               {"profile": name, "total_seconds": round(sum(r["seconds"] for r in summary), 1),
-                "notebooks": summary, "cache": os.environ.get("JPSDXL_CACHE", "~/.cache/jpsdxl")})
+    write_summary(runs_dir(name, root=runs_root) / "summary.json", name, summary)
+    return summary
+
+
+def write_summary(path: Path, profile: str, rows: list[dict]) -> dict:
+    """Merge this run's rows into ``summary.json``: entries of notebooks not run now are kept."""
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    merged = {row["notebook"]: row for row in old.get("notebooks", [])} | {row["notebook"]: row for row in rows}
+    notebooks_ = [merged[k] for k in sorted(merged)]
+    summary = {"profile": profile, "total_seconds": round(sum(r["seconds"] for r in notebooks_), 1),
+               "notebooks": notebooks_, "cache": os.environ.get("JPSDXL_CACHE", "~/.cache/jpsdxl")}
+    write_json(path, summary)
     return summary

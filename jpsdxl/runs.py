@@ -39,21 +39,46 @@ def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None 
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(dest: Path) -> None:
+    """Remove what a killed run left beside ``dest``: temporaries named ``.<name>.<pid>.*`` whose process is gone."""
+    prefix = f".{dest.name}."
+    if not dest.parent.is_dir():
+        return
+    for sibling in dest.parent.iterdir():
+        if not sibling.name.startswith(prefix):
+            continue
+        pid = sibling.name[len(prefix):].removeprefix("old-").split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success rename it onto ``dest``.
 
     Works for files and folders (an existing folder is moved aside, then replaced: two renames). On error the
-    temporary is removed and ``dest`` is untouched, so a reader never sees half an artefact.
+    temporary is removed and ``dest`` is untouched, so a reader never sees half an artefact. Temporaries carry
+    the writer's process id, so the next writer removes those of a run that was killed (``kill -9``) mid-write.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", dir=dest.parent))
     target = tmp / "payload"
     try:
         yield target
         if dest.is_dir() and not dest.is_symlink():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}.{tmp.name[-8:]}")
             os.replace(dest, old)
             os.replace(target, dest)
             shutil.rmtree(old, ignore_errors=True)
@@ -80,3 +105,23 @@ def save_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "metrics.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+@contextmanager
+def quiet_hf_progress(enabled: bool = False) -> Iterator[None]:
+    """Switch transformers' and diffusers' own progress bars (loading, "Writing model shards") on or off for a block.
+
+    In a notebook those bars are noise for small models and freeze at 0 % in saved outputs.
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libs = (diffusers_logging, transformers_logging)
+    before = [lib.is_progress_bar_enabled() for lib in libs]
+    for lib in libs:
+        lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in zip(libs, before):
+            lib.enable_progress_bar() if was else lib.disable_progress_bar()

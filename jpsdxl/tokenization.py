@@ -1,113 +1,99 @@
-"""Stage 1: tokenizers. SDXL's two CLIP tokenizers, and a Japanese tokenizer that follows their conventions.
-
-SDXL reads every prompt twice: ``tokenizer`` (for CLIP ViT-L, pads with ``<|endoftext|>``) and ``tokenizer_2``
-(for OpenCLIP bigG, pads with ``"!"``, id 0). Both emit exactly 77 ids: ``<|startoftext|>``, the text,
-``<|endoftext|>``, padding; a longer prompt is cut so that EOS stays last. We build both from the byte-level BPE
-vocabulary that open_clip_torch ships, so no hub access is needed.
+"""Stage 1: a Japanese tokenizer that follows the conventions of SDXL's two CLIP tokenizers.
 
 The Japanese tokenizer is a sentencepiece model (trained locally on ``tiny``; LINE's 51k-piece ``spiece.model``
-on ``full``) rebuilt as a ``tokenizers`` Unigram inside a transformers fast tokenizer, with the same layout:
-BOS, text, EOS, padding to 77, truncation that keeps EOS. Two variants mirror SDXL's pair: ``tokenizer``
-pads with EOS, ``tokenizer_2`` with ``<pad>``. They load with ``from_pretrained`` and drop into
-``StableDiffusionXLPipeline(tokenizer=..., tokenizer_2=...)`` unchanged.
+on ``full``) rebuilt as a ``tokenizers`` Unigram inside a transformers fast tokenizer, laid out like SDXL's
+(see ``clip_tokenizer.py``): BOS, text, EOS, padding to 77, truncation on the right that keeps EOS. Two
+variants mirror SDXL's pair: ``tokenizer`` pads with EOS, ``tokenizer_2`` with ``<pad>``. They load with
+``from_pretrained`` and drop into ``StableDiffusionXLPipeline(tokenizer=..., tokenizer_2=...)`` unchanged.
+That layout is this tutorial's design (a departure: the SD-XL 1.0-jp card does not describe one).
 
 Why rebuild instead of ``T5Tokenizer(vocab_file=...)``: in transformers 5 that route silently yields a
 3-4 token vocabulary (and ``from_pretrained`` needs protobuf and re-segments differently).
 
-This file does not touch model weights (``encoders.py``) or choose embeddings (stage 2).
+Also here: ``encode_prompts``, the one way prompts become ids, with warnings for what a prompt loses (tokens past
+77, characters the vocabulary lacks). This file does not touch model weights (``encoders.py``), build SDXL's own
+tokenizers (``clip_tokenizer.py``) or make notebook tables (``tokenizer_tables.py``).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
+import io
 import json
 import random
+import re
+import unicodedata
 import warnings
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
-from .data import normalize_text
+from .clip_tokenizer import CLIP_BOS, CLIP_EOS, MAX_LENGTH
 from .runs import atomic_path, cache_dir
 
-MAX_LENGTH = 77  # SDXL's text context, both encoders
-FAST_LAYOUT_VERSION = 2  # bump when sentencepiece_to_fast changes, so cached fast tokenizers are rebuilt
-CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+FAST_LAYOUT_VERSION = 3  # bump when sentencepiece_to_fast changes, so cached fast tokenizers are rebuilt
 # Names of the Japanese special pieces when we train the model ourselves: CLIP's own names, so that layouts
 # read the same side by side. Ids: pad 0, unk 1, bos 2, eos 3 (never eos 2: see encoders.py).
 JA_SPECIALS = dict(pad="<pad>", unk="<unk>", bos=CLIP_BOS, eos=CLIP_EOS)
 
 
 # -----------------------------------------------------------------------------
-# SDXL's CLIP tokenizers, from open_clip's bundled BPE
+# training a sentencepiece model
 
 
-def clip_bpe_path() -> Path:
-    """open_clip's ``bpe_simple_vocab_16e6.txt.gz`` (found without importing open_clip, which pulls in torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("open_clip_torch is not installed: `pip install open_clip_torch` (it ships CLIP's BPE).")
-    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-
-
-def write_clip_vocab(out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``vocab.json`` and ``merges.txt`` exactly as OpenAI's ``SimpleTokenizer`` builds its vocabulary:
-    256 byte symbols, the same with ``</w>``, 48,894 merges, then SOT and EOT: 49,408 entries."""
-    out_dir = Path(out_dir)
-    vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
-    if vocab_file.exists() and merges_file.exists():
-        return vocab_file, merges_file
-    byte_symbols = list(_bytes_to_unicode().values())
-    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
-    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
-    with atomic_path(vocab_file) as tmp:
-        tmp.write_text(json.dumps({v: i for i, v in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    with atomic_path(merges_file) as tmp:
-        tmp.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    return vocab_file, merges_file
-
-
-def build_sdxl_clip_tokenizers():
-    """(tokenizer, tokenizer_2) with SDXL's conventions: 77 ids; pad = ``<|endoftext|>`` / ``"!"`` (id 0).
-
-    tokenizer_2 keeps SDXL's quirk on purpose (diffusers#4153): ``"!"`` is its pad token, so every ``!`` in a
-    prompt also becomes id 0 (open_clip would give 256 for ``!</w>``). Fidelity to what SDXL really sees wins.
-    """
-    from transformers import CLIPTokenizer
-
-    vocab, merges = write_clip_vocab(cache_dir("clip_bpe"))
-    tok = CLIPTokenizer(str(vocab), str(merges), model_max_length=MAX_LENGTH, pad_token=CLIP_EOS)
-    tok_2 = CLIPTokenizer(str(vocab), str(merges), model_max_length=MAX_LENGTH, pad_token="!")
-    return tok, tok_2
-
-
-# -----------------------------------------------------------------------------
-# the Japanese tokenizer
+class VocabularyTooLarge(ValueError):
+    """The data cannot support the requested vocabulary: the message says which size it can."""
 
 
 def train_sentencepiece(sentences: Sequence[str], out_file: str | Path, vocab_size: int = 8000, seed: int = 0,
-                        threads: int = 2, character_coverage: float = 0.9995) -> Path:
-    """Train a sentencepiece unigram model on ``sentences`` (already NFKC-normalised), deterministically."""
+                        threads: int = 2, character_coverage: float = 0.9995, byte_fallback: bool = True) -> Path:
+    """Train a sentencepiece unigram model on ``sentences`` (already NFKC-normalised), deterministically.
+
+    Sentences go in through an iterator and the model comes back as bytes, so no path reaches sentencepiece
+    (its ``input=`` splits on commas) and the model file records no temporary path: same data, same bytes.
+    ``byte_fallback`` spells characters outside the vocabulary (emoji, rare kanji) as UTF-8 byte pieces
+    instead of ``<unk>``, so that no prompt loses a character outright.
+    """
     import sentencepiece as spm
 
-    out_file = Path(out_file)
-    with atomic_path(out_file.with_suffix("")) as tmp:
-        tmp.mkdir()
-        corpus = tmp / "corpus.txt"
-        corpus.write_text("\n".join(s.replace("\n", " ") for s in sentences) + "\n", encoding="utf-8")
-        spm.set_random_generator_seed(seed)
+    sentences = [s.replace("\n", " ") for s in sentences]
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
         spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(tmp / "spiece"), vocab_size=vocab_size, model_type="unigram",
-            character_coverage=character_coverage, num_threads=threads, minloglevel=2,
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+            character_coverage=character_coverage, num_threads=threads, minloglevel=2, byte_fallback=byte_fallback,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=JA_SPECIALS["pad"], unk_piece=JA_SPECIALS["unk"],
             bos_piece=JA_SPECIALS["bos"], eos_piece=JA_SPECIALS["eos"],
             normalization_rule_name="nfkc",  # plain NFKC: the same rule our fast tokenizer applies
         )
-        (tmp / "spiece.model").rename(out_file)
+    except RuntimeError as e:
+        raise _vocabulary_error(e, len(sentences), vocab_size, character_coverage) from None
+    out_file = Path(out_file)
+    with atomic_path(out_file) as tmp:
+        tmp.write_bytes(model.getvalue())
     return out_file
+
+
+def _vocabulary_error(e: RuntimeError, n: int, vocab_size: int, coverage: float) -> Exception:
+    """Turn sentencepiece's two vocabulary-size failures into messages that say what to set."""
+    text = str(e)
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
+        return VocabularyTooLarge(
+            f"{n:,} training sentences support at most {int(m[2]):,} sentencepiece pieces, not vocab_size = "
+            f"{vocab_size:,}. Set `vocab_size = {int(m[2])}` (or less) in your profile's [tokenizer] section, "
+            f"or give it more Japanese text.")
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", text):
+        return VocabularyTooLarge(
+            f"vocab_size = {vocab_size:,} is smaller than the {int(m[2]):,} distinct characters that "
+            f"character_coverage = {coverage} keeps. In your profile's [tokenizer] section raise vocab_size above "
+            f"{int(m[2]):,}, or lower character_coverage (0.98 keeps far fewer rare characters).")
+    return e
+
+
+# -----------------------------------------------------------------------------
+# sentencepiece model -> transformers fast tokenizer
 
 
 def sentencepiece_to_fast(model_file: str | Path, specials: dict[str, str] | None = None, pad_with: str = "pad",
@@ -117,8 +103,9 @@ def sentencepiece_to_fast(model_file: str | Path, specials: dict[str, str] | Non
     ``specials`` names the bos/eos/pad/unk pieces (default: the model's own). ``pad_with="eos"`` pads with EOS
     (like SDXL's ``tokenizer``), ``"pad"`` with the pad piece (like ``tokenizer_2``).
 
-    If the model's EOS has id 2 (LINE's does), EOS trades ids with the pad piece: transformers' CLIP text model
-    treats ``eos_token_id == 2`` as a legacy config and pools at ``argmax(input_ids)``, i.e. on some content token.
+    If the model's EOS has id 2 (LINE's does), EOS trades ids with the pad piece, or with another control
+    piece when there is no pad: transformers' CLIP text model treats ``eos_token_id == 2`` as a legacy config
+    and pools at ``argmax(input_ids)``, i.e. on some content token.
     """
     import sentencepiece as spm
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -151,12 +138,15 @@ def sentencepiece_to_fast(model_file: str | Path, specials: dict[str, str] | Non
     tk = Tokenizer(models.Unigram(vocab, unk_id=unk_id, byte_fallback=byte_fallback))
     # NFKC first (tokenizers' Precompiled alone splits half-width ｶﾞ into カ + an unknown mark), then the model's
     # own table (NFKC for ours; nmt_nfkc for LINE's adds e.g. zero-width space -> space), then whitespace runs
-    # -> one space, trimmed, as sentencepiece does.
-    table = _normalization_table(model_file)
-    tk.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Precompiled(table)] if table else []) + [
-        normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+    # -> one space, trimmed, as sentencepiece does. "Whitespace" here is every Unicode space (tab, newline,
+    # U+2028 ...), as in the data loader; a sentencepiece model trained with plain NFKC keeps those characters
+    # (as <unk> or bytes): the one documented difference, pinned down by a test.
+    charsmap = _precompiled_charsmap(model_file)
+    tk.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Precompiled(charsmap)] if charsmap else [])
+                                         + [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="always",
+                                                                               split=True)])
     bos, eos = specials["bos"], specials["eos"]
     tk.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
@@ -167,13 +157,25 @@ def sentencepiece_to_fast(model_file: str | Path, specials: dict[str, str] | Non
         model_max_length=max_length, padding_side="right", truncation_side="right")
 
 
-def _normalization_table(model_file: str | Path) -> bytes:
-    """The precompiled character map in a sentencepiece model (empty for the "identity" rule). Needs protobuf."""
+def _model_proto(model_file: str | Path):
+    """A sentencepiece model as its protobuf message. Needs protobuf."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(model_file).read_bytes())
-    return proto.normalizer_spec.precompiled_charsmap
+    return proto
+
+
+def _precompiled_charsmap(model_file: str | Path) -> bytes:
+    """The normaliser's precompiled character map inside a sentencepiece model (empty for "identity")."""
+    return _model_proto(model_file).normalizer_spec.precompiled_charsmap
+
+
+def _content_key(model_file: str | Path) -> str:
+    """A hash of what a model *is* (pieces, scores, normaliser), not of how it was trained or where."""
+    proto = _model_proto(model_file)
+    proto.ClearField("trainer_spec")  # input paths, thread counts ...: not content
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _specials_from_folder(folder: Path) -> dict[str, str] | None:
@@ -190,13 +192,17 @@ def _specials_from_folder(folder: Path) -> dict[str, str] | None:
     return out or None
 
 
+# -----------------------------------------------------------------------------
+# the profile's Japanese tokenizers
+
+
 def sentencepiece_model(profile, japanese_texts: Sequence[str] | None = None) -> tuple[Path, dict | None]:
     """The profile's sentencepiece model file (trained and cached, or from a hub/local tokenizer folder)."""
     cfg = profile.tokenizer
     if cfg.source != "sentencepiece":
         from .hub import resolve
 
-        folder = resolve(cfg.source, "Japanese tokenizer", allow_patterns=["*.model", "*.json"])
+        folder = resolve(cfg.source, "Japanese tokenizer", kind="tokenizer")
         found = sorted(folder.glob("*.model"))
         if not found:
             raise FileNotFoundError(f"{cfg.source}: no sentencepiece *.model file in {folder}")
@@ -204,16 +210,19 @@ def sentencepiece_model(profile, japanese_texts: Sequence[str] | None = None) ->
     if japanese_texts is None:
         from .data import load_pairs
 
-        japanese_texts = [ja for ja, _ in load_pairs(profile).train]
+        train = load_pairs(profile).train  # a list, or a stream for a streamed source: read only what we use
+        japanese_texts = [ja for ja, _ in (train if isinstance(train, list) else islice(train, cfg.train_sentences))]
     texts = sorted(set(japanese_texts))
     random.Random(profile.seed).shuffle(texts)
     texts = texts[: cfg.train_sentences]
-    key = hashlib.sha256(json.dumps([cfg.vocab_size, profile.seed, texts], ensure_ascii=False).encode()).hexdigest()[:12]
+    settings = [cfg.vocab_size, cfg.character_coverage, cfg.byte_fallback, profile.seed]
+    key = hashlib.sha256(json.dumps([settings, texts], ensure_ascii=False).encode()).hexdigest()[:12]
     model = cache_dir("tokenizers", f"spm-{cfg.vocab_size}-{key}") / "spiece.model"
     if not model.exists():
         print(f"Training a {cfg.vocab_size:,}-piece sentencepiece model on {len(texts):,} sentences (once; cached in "
               f"{model.parent})")
-        train_sentencepiece(texts, model, cfg.vocab_size, profile.seed)
+        train_sentencepiece(texts, model, cfg.vocab_size, profile.seed, character_coverage=cfg.character_coverage,
+                            byte_fallback=cfg.byte_fallback)
     return model, None
 
 
@@ -221,17 +230,30 @@ def japanese_tokenizers(profile, japanese_texts: Sequence[str] | None = None):
     """(tokenizer, tokenizer_2) for the profile's Japanese encoders, saved and reloaded via ``from_pretrained``.
 
     ``japanese_texts``: training sentences for a locally trained model (default: the profile's training split).
+    The cached folder's name depends only on content (model, layout version, specials, length), so two runs at
+    once build the same folder.
     """
     from transformers import AutoTokenizer
 
     model, specials = sentencepiece_model(profile, japanese_texts)
-    key = hashlib.sha256(model.read_bytes() + f"{FAST_LAYOUT_VERSION}{specials}".encode()).hexdigest()[:12]
+    layout = f"{FAST_LAYOUT_VERSION}{sorted((specials or {}).items())}{profile.tokenizer.max_length}"
+    key = hashlib.sha256((_content_key(model) + layout).encode()).hexdigest()[:12]
     folder = model.parent / f"fast-{key}"
     if not (folder / "tokenizer_2").exists():
         with atomic_path(folder) as tmp:
             for sub, pad_with in (("tokenizer", "eos"), ("tokenizer_2", "pad")):
                 sentencepiece_to_fast(model, specials, pad_with, profile.tokenizer.max_length).save_pretrained(tmp / sub)
     return (AutoTokenizer.from_pretrained(folder / "tokenizer"), AutoTokenizer.from_pretrained(folder / "tokenizer_2"))
+
+
+def sdxl_tokenizers(profile):
+    """(tokenizer, tokenizer_2) exactly as the profile's SDXL base pipeline loads them."""
+    from transformers import AutoTokenizer
+
+    from .hub import resolve
+
+    base = resolve(profile.models.base, "SDXL base", variant=profile.models.variant)
+    return AutoTokenizer.from_pretrained(base / "tokenizer"), AutoTokenizer.from_pretrained(base / "tokenizer_2")
 
 
 def sentencepiece_agreement(model_file: str | Path, tokenizer, texts: Sequence[str], show: int = 5) -> dict:
@@ -260,6 +282,28 @@ def sentencepiece_agreement(model_file: str | Path, tokenizer, texts: Sequence[s
 # prompts in, ids out
 
 
+def check_prompts(prompts) -> list[str]:
+    """``prompts`` as a list of strings, or a ValueError that says what was wrong and what is expected."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, (list, tuple)):
+        prompts = list(prompts)
+    else:
+        raise ValueError(f"prompts must be a string or a list of strings, not {type(prompts).__name__}"
+                         + (" (pass list(d.values()) for a dict's texts)" if isinstance(prompts, dict) else ""))
+    if not prompts:
+        raise ValueError("no prompts: pass at least one string (\"\" is SDXL's unconditional prompt)")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is {type(p).__name__} {p!r}, not a string")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt {i} holds a lone surrogate {p[e.start:e.end]!r} at character {e.start}: not valid "
+                             f"text. Re-read it as UTF-8 (errors='replace') or remove that character.") from None
+    return prompts
+
+
 def overflow(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH) -> list[int]:
     """How many tokens each prompt loses to truncation at ``max_length`` (BOS and EOS included)."""
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]]
@@ -267,118 +311,60 @@ def overflow(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH) ->
 
 
 def encode_prompts(tokenizer, prompts: str | Sequence[str], max_length: int = MAX_LENGTH, return_tensors="pt"):
-    """Tokenize as SDXL does (pad to 77, truncate keeping EOS), warning about every prompt that loses tokens.
+    """Tokenize as SDXL does (pad to 77, truncate keeping EOS), warning about what any prompt loses.
 
     Full-width letters, half-width katakana and whitespace runs are normalised (NFKC) by the tokenizer itself;
-    an empty prompt is valid (SDXL's unconditional prompt): BOS, EOS, padding.
+    an empty prompt is valid (SDXL's unconditional prompt): BOS, EOS, padding. Two warnings: tokens past
+    ``max_length`` (they are cut), and characters outside the vocabulary (``<unk>``, or raw bytes with byte
+    fallback), each named.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = check_prompts(prompts)
     for i, dropped in enumerate(overflow(tokenizer, prompts, max_length)):
         if dropped:
             kept = tokenizer.decode(tokenizer(prompts[i], truncation=True, max_length=max_length,
                                               add_special_tokens=True)["input_ids"], skip_special_tokens=True)
             warnings.warn(f"prompt {i} is {dropped} token(s) over the {max_length}-token limit; they were dropped. "
-                          f"Kept: {kept[-30:]!r}... Shorten the prompt or split it.", stacklevel=2)
+                          f"Kept: ...{kept[-30:]!r} (the end of what was kept). Shorten the prompt or split it.",
+                          stacklevel=2)
+    for i, prompt in enumerate(prompts):
+        if unknown := unknown_characters(tokenizer, [prompt]):
+            how = "spelled as raw UTF-8 bytes" if _byte_fallback(tokenizer) else "read as <unk>"
+            warnings.warn(f"prompt {i}: {describe_characters(unknown)} not in the vocabulary, {how}. "
+                          f"Rephrase with common characters if the meaning matters.", stacklevel=2)
     return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                      return_tensors=return_tensors)
 
 
+def _byte_fallback(tokenizer) -> bool:
+    return bool(json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("byte_fallback"))
+
+
+def _vocabulary_characters(tokenizer) -> frozenset[str]:
+    cached = getattr(tokenizer, "_jpsdxl_chars", None)
+    if cached is None:
+        specials = set(tokenizer.all_special_tokens)
+        pieces = [p for p in tokenizer.get_vocab() if p not in specials and not re.fullmatch(r"<0x[0-9A-F]{2}>", p)]
+        cached = frozenset("".join(pieces))
+        tokenizer._jpsdxl_chars = cached
+    return cached
+
+
 def unknown_characters(tokenizer, texts: Sequence[str]) -> Counter:
-    """Which characters the tokenizer maps to ``<unk>`` (emoji, rare kanji ...), with counts."""
-    found: Counter = Counter()
+    """Characters of the *normalised* texts that no piece of the vocabulary contains, with counts.
+
+    A sentencepiece unigram model keeps every character it covers as a piece of its own, so it falls back (to
+    ``<unk>``, or to bytes) exactly on the characters that occur in no piece. This names the character as the tokenizer sees it: ``"cafe\\u0301"`` normalises to
+    ``"café"`` and the unknown character is ``é``, not ``e``.
+    """
+    known, found = _vocabulary_characters(tokenizer), Counter()
+    normalizer = tokenizer.backend_tokenizer.normalizer
     for text in texts:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        norm = tokenizer.backend_tokenizer.normalizer.normalize_str(text)
-        for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-            if tid == tokenizer.unk_token_id:
-                found[text[a:b] if b > a else norm] += 1
+        for c in normalizer.normalize_str(text) if normalizer else text:
+            if c != " " and c not in known:
+                found[c] += 1
     return found
 
 
-# -----------------------------------------------------------------------------
-# measurements for notebook 01
-
-
-def tokens_per_char(tokenizer, texts: Sequence[str]) -> float:
-    """Content tokens (no BOS/EOS) per character, over all ``texts``."""
-    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return sum(map(len, ids)) / max(sum(len(normalize_text(t).replace(" ", "")) for t in texts), 1)
-
-
-def overflow_rate(tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH) -> float:
-    """Share of ``texts`` longer than ``max_length`` tokens with BOS and EOS."""
-    return sum(d > 0 for d in overflow(tokenizer, texts, max_length)) / max(len(texts), 1)
-
-
-def layout(tokenizer, prompt: str, max_length: int = MAX_LENGTH) -> list[dict]:
-    """Position by position, what an encoder is fed: id, token, and its role (bos/text/eos/pad)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
-    n_text = len(tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"])
-    rows = []
-    for pos, tid in enumerate(ids):
-        role = "bos" if pos == 0 else "eos" if pos == n_text - 1 else "text" if pos < n_text else "pad"
-        rows.append({"position": pos, "id": tid, "token": tokenizer.convert_ids_to_tokens(tid), "role": role})
-    return rows
-
-
-def clip_byte_pieces(tokenizer, text: str) -> list[dict]:
-    """How CLIP's byte-level BPE cuts ``text``: each token's UTF-8 bytes, and whether they form whole characters."""
-    byte_decoder = {v: k for k, v in _bytes_to_unicode().items()}
-    rows = []
-    for tid in tokenizer(text, add_special_tokens=False)["input_ids"]:
-        token = tokenizer.convert_ids_to_tokens(tid)
-        raw = bytes(byte_decoder[c] for c in token.removesuffix("</w>") if c in byte_decoder)
-        try:
-            shown, whole = raw.decode("utf-8"), True
-        except UnicodeDecodeError:
-            shown, whole = raw.decode("utf-8", errors="replace"), False
-        rows.append({"id": tid, "token": token, "bytes": raw.hex(" "), "text": shown, "whole characters": whole})
-    return rows
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """Byte -> printable character, as GPT-2 and CLIP do (same table as open_clip.tokenizer.bytes_to_unicode)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def sdxl_tokenizers(profile):
-    """(tokenizer, tokenizer_2) exactly as the profile's SDXL base pipeline loads them."""
-    from transformers import AutoTokenizer
-
-    from .hub import resolve
-
-    base = resolve(profile.models.base, "SDXL base")
-    return AutoTokenizer.from_pretrained(base / "tokenizer"), AutoTokenizer.from_pretrained(base / "tokenizer_2")
-
-
-def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
-    """Sequence length of each text with BOS and EOS, before truncation."""
-    return [len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]]
-
-
-def side_by_side(tokenizers: dict, prompt: str, positions: Sequence[int] | None = None) -> dict[str, list[str]]:
-    """Columns of ``id:token`` per position for several tokenizers (default positions: 0-11 and 74-76)."""
-    positions = list(positions) if positions is not None else [*range(12), 74, 75, 76]
-    columns = {"position": [str(p) for p in positions]}
-    for name, tok in tokenizers.items():
-        rows = layout(tok, prompt)
-        columns[name] = [f"{rows[p]['id']}:{rows[p]['token']} ({rows[p]['role']})" for p in positions]
-    return columns
-
-
-def normalization_table(tokenizer, prompts: Sequence[str]) -> list[dict]:
-    """For each prompt: what the tokenizer's normaliser makes of it, its pieces, and how many became <unk>."""
-    rows = []
-    for prompt in prompts:
-        ids = tokenizer(prompt)["input_ids"]
-        rows.append({"prompt": repr(prompt), "normalised": tokenizer.backend_tokenizer.normalizer.normalize_str(prompt),
-                     "pieces": " ".join(tokenizer.convert_ids_to_tokens(ids)),
-                     "unknown": sum(i == tokenizer.unk_token_id for i in ids)})
-    return rows
+def describe_characters(chars) -> str:
+    """``'😀' (U+1F600 GRINNING FACE), ...``: readable even for invisible characters."""
+    return ", ".join(f"{c!r} (U+{ord(c):04X} {unicodedata.name(c, 'unnamed')})" for c in chars)

@@ -22,7 +22,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .runs import atomic_path, cache_dir
+from .runs import atomic_path, cache_dir, quiet_hf_progress
 
 
 def _text_encoder(hidden: int, layers: int, heads: int, projection: int, act: str) -> dict:
@@ -99,8 +99,11 @@ def recipe_key(name: str) -> str:
     return f"{name}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
-def build_components(name: str):
-    """Instantiate a recipe's models, each from ``torch.manual_seed(seed)``: same seed, same weights."""
+def build_components(name: str, scheduler: bool = True):
+    """Instantiate a recipe's models, each from ``torch.manual_seed(seed)``: same seed, same weights.
+
+    ``scheduler=False`` leaves the scheduler out (it cannot be built on the meta device, used to count parameters).
+    """
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -111,21 +114,23 @@ def build_components(name: str):
         torch.manual_seed(r["seed"] + offset)  # one seed per component: a change to one leaves the others alone
         return make()
 
-    return dict(
+    parts = dict(
         text_encoder=seeded(lambda: CLIPTextModel(CLIPTextConfig(**r["text_encoder"])), 0),
         text_encoder_2=seeded(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**r["text_encoder_2"])), 1),
         vae=seeded(lambda: AutoencoderKL(**r["vae"]), 2),
         unet_base=seeded(lambda: UNet2DConditionModel(**r["unet_base"]), 3),
         unet_refiner=seeded(lambda: UNet2DConditionModel(**r["unet_refiner"]), 4),
-        scheduler=EulerDiscreteScheduler(**r["scheduler"]),
     )
+    if scheduler:
+        parts["scheduler"] = EulerDiscreteScheduler(**r["scheduler"])
+    return parts
 
 
 def build_recipe(name: str, out_dir: str | Path) -> Path:
     """Build recipe ``name`` into ``out_dir/{base,refiner}`` as diffusers pipeline folders."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from .tokenization import build_sdxl_clip_tokenizers
+    from .clip_tokenizer import build_sdxl_clip_tokenizers
 
     if name not in RECIPES:
         raise ValueError(f"No zoo recipe {name!r}; available: {sorted(RECIPES)}")
@@ -144,8 +149,9 @@ def build_recipe(name: str, out_dir: str | Path) -> Path:
         unet=c["unet_refiner"], scheduler=c["scheduler"], requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False)
     out_dir = Path(out_dir)
-    base.save_pretrained(out_dir / "base")
-    refiner.save_pretrained(out_dir / "refiner")
+    with quiet_hf_progress():
+        base.save_pretrained(out_dir / "base")
+        refiner.save_pretrained(out_dir / "refiner")
     (out_dir / "zoo.json").write_text(json.dumps({"recipe": name, **RECIPES[name]}, indent=2, default=list))
     return out_dir
 

@@ -16,3 +16,45 @@ def test_bad_profile_is_a_clear_error(capsys):
 def test_env_prints_versions(capsys):
     assert main(["env"]) == 0
     assert '"torch"' in capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    from jpsdxl import runner
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_notebooks", interrupted)
+    assert main(["run"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted") and "Traceback" not in err
+
+
+def test_relative_profile_runs_and_data_paths_work_inside_the_notebooks(tmp_path, monkeypatch):
+    """The notebooks run with notebooks/ as their working directory: paths the user typed must still mean
+    what they meant where the user typed them."""
+    import json
+
+    import nbformat
+
+    from jpsdxl.runs import load_metrics
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
+    nb.cells = [nbformat.v4.new_code_cell('profile = "tiny"\nrun_dir = None', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(
+                    "from pathlib import Path\nfrom jpsdxl.profiles import load_profile\nfrom jpsdxl.runs import save_metrics\n"
+                    "P = load_profile(profile)\n"
+                    "save_metrics(run_dir, {'name': P.name, 'pairs_exist': Path(P.data.pairs).is_file()})")]
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "00_probe.ipynb")
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "pairs.tsv").write_text("猫\tcat\n")
+    (work / "mytiny.toml").write_text('description = "x"\n[models]\nbase = "zoo:tiny/base"\nrefiner = "zoo:tiny/refiner"\n'
+                                      '[data]\npairs = "data/pairs.tsv"\n')
+    monkeypatch.chdir(work)
+    from jpsdxl import runner
+
+    runner.run_notebooks("mytiny.toml", runs_root="myruns", notebook_dir=tmp_path / "nbs", html=False, progress=False)
+    assert load_metrics(work / "myruns" / "mytiny" / "00_probe") == {"name": "mytiny", "pairs_exist": True}
+    assert json.loads((work / "myruns" / "mytiny" / "summary.json").read_text())["notebooks"][0]["notebook"] == "00_probe"

@@ -1,4 +1,5 @@
 import json
+from itertools import islice
 
 import pytest
 
@@ -37,14 +38,89 @@ def test_jsonl_bad_lines(tmp_path):
                             "a side is not text": [6]}
 
 
-def test_datasets_streaming_reports_bad_records(tmp_path):
+def test_jsonl_has_one_reader_whatever_the_route(tmp_path):
+    """A .jsonl file read directly and through 'hf:<file>' goes through the same reader, with the same report."""
     f = tmp_path / "p.jsonl"
     rows = [{"ja": "猫", "en": "cat"}, {"ja": "犬", "en": ""}, {"ja": "鳥", "en": "bird"}, {"ja": None, "en": "x"}]
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     report = data.BadLines("t")
     pairs = list(data.iter_pairs_datasets(str(f), report=report, streaming=True))
-    assert pairs == [("猫", "cat"), ("鳥", "bird")]
-    assert report.lines == {"empty English side": [2], "missing field 'ja' or 'en'": [4]} and report.kept == 2
+    direct, direct_report = data.read_pairs_jsonl(f)
+    assert pairs == direct == [("猫", "cat"), ("鳥", "bird")]
+    assert report.lines == direct_report.lines == {"empty English side": [2], "empty Japanese side": [4]}
+    assert report.kept == 2
+
+
+def _profile(tiny, **data_kw):
+    import dataclasses
+
+    return dataclasses.replace(tiny, data=dataclasses.replace(tiny.data, **data_kw))
+
+
+def test_streamed_source_stays_a_stream(tmp_path, tiny):
+    """streaming = true: load_pairs reads nothing up front, and taking 5 pairs reads a handful of lines."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part-0.jsonl").write_text("".join(json.dumps({"ja": f"文{i}", "en": f"sentence {i}"}) + "\n"
+                                                 for i in range(20_000)))
+    splits = data.load_pairs(_profile(tiny, pairs=f"hf:{folder}", streaming=True, valid_fraction=0.1,
+                                      test_fraction=0.1))
+    assert splits.streamed and splits.report.read == 0 and splits.sizes()["train"] == "streamed"
+    first = list(islice(splits.train, 5))
+    assert len(first) == 5 and splits.report.read < 50
+    assert all(data.split_of(en, 0.1, 0.1, tiny.seed) == "train" for _, en in first)
+    assert list(islice(splits.train, 5)) == first  # a second pass starts again from the top
+    held = list(islice(splits.test, 3))
+    assert all(data.split_of(en, 0.1, 0.1, tiny.seed) == "test" for _, en in held)
+
+
+def test_hf_folder_with_bad_lines_counts_them(tmp_path, tiny):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"ja": "猫", "en": "cat"}\n{broken\n{"ja": "犬", "en": "dog"}\n')
+    splits = data.load_pairs(_profile(tiny, pairs=f"hf:{folder}", valid_fraction=0.0, test_fraction=0.0))
+    assert sorted(splits.train) == [("犬", "dog"), ("猫", "cat")] and splits.report.lines == {"invalid JSON": [2]}
+
+
+def test_unparseable_hf_source_is_a_clear_error(tmp_path, tiny):
+    folder = tmp_path / "parquet-ish"
+    folder.mkdir()
+    (folder / "data.csv").write_text('ja,en\n猫,cat\n"unterminated,x\n' + "a,b,c,d\n" * 3)
+    with pytest.raises(data.DataError, match="hf:.*could not parse"):
+        data.load_pairs(_profile(tiny, pairs=f"hf:{folder}"))
+
+
+def test_bom_crlf_and_cr_only_files(tmp_path):
+    f = tmp_path / "p.tsv"
+    f.write_bytes(b"\xef\xbb\xbf" + "猫\tcat\r\n犬\tdog\r鳥\tbird\r".encode())
+    pairs, report = data.read_pairs_tsv(f)
+    assert pairs == [("猫", "cat"), ("犬", "dog"), ("鳥", "bird")] and report.skipped == 0 and report.read == 3
+    j = tmp_path / "p.jsonl"
+    j.write_bytes(b"\xef\xbb\xbf" + '{"ja": "猫", "en": "cat"}\r{"ja": "犬", "en": "dog"}\r\nbad\n'.encode())
+    pairs, report = data.read_pairs_jsonl(j)
+    assert pairs == [("猫", "cat"), ("犬", "dog")] and report.lines == {"invalid JSON": [3]}
+
+
+def test_lone_surrogate_is_a_counted_bad_line(tmp_path):
+    j = tmp_path / "p.jsonl"
+    j.write_text('{"ja": "猫", "en": "cat"}\n{"ja": "\\ud800", "en": "x"}\n{"ja": "犬", "en": "dog\\udc00"}\n')
+    pairs, report = data.read_pairs_jsonl(j)
+    assert pairs == [("猫", "cat")] and report.lines == {"invalid Unicode (a lone surrogate)": [2, 3]}
+
+
+def test_folder_or_missing_file_as_data_file(tmp_path, tiny):
+    with pytest.raises(data.DataError, match="is a folder.*hf:"):
+        data.load_pairs(_profile(tiny, pairs=str(tmp_path)))
+    with pytest.raises(data.DataError, match="is a folder"):
+        data.read_pairs_tsv(tmp_path)
+    with pytest.raises(data.DataError, match="no such data file"):
+        data.load_pairs(_profile(tiny, pairs=str(tmp_path / "nope.tsv")))
+
+
+def test_split_fractions_go_to_the_right_split():
+    pairs = [(f"文{i}", f"sentence {i}") for i in range(20_000)]
+    sizes = data.split_pairs(pairs, valid_fraction=0.05, test_fraction=0.2, seed=0).sizes()
+    assert 3_700 < sizes["test"] < 4_300 and 850 < sizes["valid"] < 1_150
 
 
 def test_split_is_deterministic_and_keeps_translations_together():
@@ -65,10 +141,26 @@ def test_tatoeba(splits):
     assert splits.report.reasons == {"no translation ('-' placeholder)": 4687}
 
 
-def test_corrupt_archive_is_rejected(tmp_path, monkeypatch):
+def test_damaged_cached_archive_is_fetched_again(tmp_path, monkeypatch, splits):
+    """An interrupted copy (truncated archive) or a damaged extracted file is noticed on use, and repaired."""
+    from jpsdxl.runs import cache_dir
+
+    good = cache_dir("pkgs") / data.TATOEBA["filename"]  # the session's real archive (the splits fixture fetched it)
     monkeypatch.setenv("JPSDXL_CACHE", str(tmp_path))
     (tmp_path / "pkgs").mkdir()
-    (tmp_path / "pkgs" / data.TATOEBA["filename"]).write_bytes(b"not the archive")
+    (tmp_path / "pkgs" / data.TATOEBA["filename"]).write_bytes(good.read_bytes()[: 10_000_000])  # cut short
+    fetched = []
+    monkeypatch.setattr(data, "download_archive", lambda dest: fetched.append(dest) or dest.write_bytes(good.read_bytes()))
+    pairs, _ = data.load_tatoeba()
+    assert len(fetched) == 1 and len(pairs) == 203_308
+    extracted = tmp_path / "data" / "tatoeba_SENTENCES.tsv"
+    extracted.write_bytes(extracted.read_bytes()[: len(extracted.read_bytes()) // 2])  # half a file
+    assert len(data.load_tatoeba()[0]) == 203_308 and len(fetched) == 1  # re-extracted, not re-downloaded
+
+
+def test_download_that_does_not_match_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.setenv("JPSDXL_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "download_archive", lambda dest: dest.write_bytes(b"not the archive"))
     with pytest.raises(RuntimeError, match="SHA-256"):
         data.fetch_tatoeba()
     assert not (tmp_path / "pkgs" / data.TATOEBA["filename"]).exists()  # deleted, so a re-run re-downloads

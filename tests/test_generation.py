@@ -46,3 +46,20 @@ def test_reduced_precision_path(tiny):
     assert base.unet.dtype == refiner.unet.dtype == base.text_encoder_2.dtype == torch.bfloat16
     images, latents = generation.generate(profile, base, refiner, "a cat", steps=4, output_type="np")
     assert latents.dtype == torch.bfloat16 and np.isfinite(images).all()
+
+
+def _count_calls(monkeypatch, unet):
+    calls = []
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("steps, frac, base_steps", [(10, 0.8, 8), (10, 0.5, 5)])
+def test_each_stage_runs_its_share_of_the_schedule(tiny, pipelines, monkeypatch, steps, frac, base_steps):
+    """The base denoises the first ``high_noise_frac`` of the steps, the refiner the rest: one UNet call per step
+    (classifier-free guidance batches both branches into one call)."""
+    base, refiner = pipelines
+    base_calls, refiner_calls = _count_calls(monkeypatch, base.unet), _count_calls(monkeypatch, refiner.unet)
+    generation.generate(tiny, base, refiner, "a cat", steps=steps, high_noise_frac=frac, output_type="latent")
+    assert (len(base_calls), len(refiner_calls)) == (base_steps, steps - base_steps)

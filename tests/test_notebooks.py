@@ -5,6 +5,7 @@ nbval (lax mode) re-runs the executed copies and compares the outputs of the cel
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 from jpsdxl.runner import NOTEBOOK_DIR, notebooks, run_notebooks
 
 EXPECTED = {
-    "00_overview": {"conditioning_consistent", "retrained_parameter_share", "two_stage_seconds"},
+    "00_overview": {"conditioning_consistent", "retrained_parameter_share", "sdxl_retrained_parameter_share",
+                    "download_mb", "two_stage_seconds"},
     "01_tokenizer_alignment": {"clip_tokens_per_char", "ja_tokens_per_char", "clip_overflow_rate_77",
                                "ja_overflow_rate_77", "sentencepiece_agreement"},
 }
@@ -64,6 +66,27 @@ def test_tutorial_numbers_say_what_the_text_says(tutorial):
     assert m1["sentencepiece_agreement"] == 1.0 and m1["pooled_at_eos"] is True
     assert m1["clip_tokens_per_char"] > 2 * m1["ja_tokens_per_char"]
     assert m1["clip_overflow_rate_77"] > m1["ja_overflow_rate_77"]
+    assert 0.14 < m0["sdxl_retrained_parameter_share"] < 0.145 and m0["retrained_parameter_share"] > 0.5
+    assert m0["download_mb"] > 1
+
+
+@pytest.mark.slow
+def test_tutorial_numbers_match_an_independent_count(tutorial, tiny, splits):
+    """Tokens per character recomputed without jpsdxl's tokenizers: open_clip's own tokenizer, and sentencepiece."""
+    import sentencepiece as spm
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from jpsdxl.data import normalize_text
+    from jpsdxl.tokenization import sentencepiece_model
+
+    root, _ = tutorial
+    m1 = json.loads((root / "tiny" / "01_tokenizer_alignment" / "metrics.json").read_text())
+    held_out = [ja for ja, _ in splits.test]
+    chars = sum(len(normalize_text(t).replace(" ", "")) for t in held_out)
+    clip = SimpleTokenizer()
+    assert abs(sum(len(clip.encode(t)) for t in held_out) / chars - m1["clip_tokens_per_char"]) < 1e-3
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model(tiny)[0]))
+    assert abs(sum(len(sp.encode(t)) for t in held_out) / chars - m1["ja_tokens_per_char"]) < 1e-3
 
 
 def _nbval(root, notebooks):
@@ -74,6 +97,8 @@ def _nbval(root, notebooks):
 
 @pytest.mark.slow
 def test_outputs_reproduce_under_nbval(tutorial):
+    """Determinism only: re-executing gives the same outputs in the checked cells. That the numbers are *right* is
+    checked by the two tests above."""
     root, _ = tutorial
     done = _nbval(root, sorted((root / "tiny").glob("*/*.ipynb")))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
@@ -92,3 +117,36 @@ def test_nbval_catches_a_changed_number(tutorial, tmp_path):
     nbformat.write(nb, tmp_path / "00_overview.ipynb")
     done = _nbval(tmp_path, [tmp_path / "00_overview.ipynb"])
     assert done.returncode != 0 and "1 failed" in done.stdout, done.stdout[-2000:]
+
+
+def _exercise_toml(notebook: str) -> str:
+    nb = nbformat.read(NOTEBOOK_DIR / notebook, as_version=4)
+    return re.search(r"```toml\n(.*?)```", nb.cells[-1].source, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_exercise_profiles_run_as_written(tmp_path, splits):
+    """Notebook 01's exercise 2: the [tokenizer] section it prints, pasted into a copy of tiny.toml, trains."""
+    from jpsdxl.profiles import PROFILE_DIR, load_profile
+    from jpsdxl.tokenization import japanese_tokenizers
+
+    tiny = (PROFILE_DIR / "tiny.toml").read_text()
+    section = _exercise_toml("01_tokenizer_alignment.ipynb")
+    start = tiny.index("[tokenizer]")
+    end = tiny.index("\n[", start + 1)
+    (tmp_path / "mytiny.toml").write_text(tiny[:start] + section + tiny[end:])
+    profile = load_profile(tmp_path / "mytiny.toml")
+    assert profile.tokenizer.vocab_size == 2000
+    tok, _ = japanese_tokenizers(profile, [ja for ja, _ in splits.train])
+    assert len(tok) == 2000
+
+
+@pytest.mark.slow
+def test_notebook_01_with_an_empty_prompt(tmp_path):
+    """Its parameter cell invites "try your own": the empty prompt (SDXL's unconditional one) must run too."""
+    import papermill
+
+    papermill.execute_notebook(str(NOTEBOOK_DIR / "01_tokenizer_alignment.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"prompt": "", "run_dir": str(tmp_path)}, cwd=str(NOTEBOOK_DIR),
+                               progress_bar=False, kernel_name="python3")
+    assert json.loads((tmp_path / "metrics.json").read_text())["prompt_clip_tokens"] == 0

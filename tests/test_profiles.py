@@ -34,3 +34,43 @@ def test_profile_from_path(tmp_path):
                     '[generate]\nsteps = 3\n')
     p = load_profile(path)
     assert p.name == "mine" and p.generate.steps == 3 and p.generate.height == 1024  # defaults fill the rest
+
+
+def _write(tmp_path, body, name="p.toml"):
+    path = tmp_path / name
+    path.write_text('description = "x"\n' + body)
+    return path
+
+
+MODELS = '[models]\nbase = "zoo:tiny/base"\nrefiner = "zoo:tiny/refiner"\n'
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[models]\nbase = "zoo:tiny/base"\n', r"\[?models\]? needs 'refiner'"),
+    ('models = "oops"\n', "models must be a table"),
+    (MODELS + '[tokenizer]\nvocab_size = "8000"\n', r"tokenizer.vocab_size = '8000' is not of type int"),
+    ('seed = "zero"\n' + MODELS, r"seed = 'zero' is not of type int"),
+    ('dtype = "float33"\n' + MODELS, "dtype = 'float33': use one of float32, float16, bfloat16"),
+    ('device = "gpu"\n' + MODELS, "device = 'gpu': use cpu, cuda"),
+    ('name = "../../escaped"\n' + MODELS, "name = '../../escaped': a profile name becomes a folder"),
+    (MODELS + '[data]\nvalid_fraction = 1.5\n', "valid_fraction = 1.5"),
+    (MODELS + '[generate]\nsteps = 0\n', "generate.steps = 0: must be at least 1"),
+    ('seed = \n', "not valid TOML"),
+])
+def test_bad_profiles_name_the_file_and_key(tmp_path, body, message):
+    from jpsdxl.profiles import ProfileError
+
+    path = _write(tmp_path, body)
+    with pytest.raises(ProfileError, match=message) as err:
+        load_profile(path)
+    assert str(path) in str(err.value)
+
+
+def test_relative_paths_in_a_profile_are_read_from_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "my").mkdir()
+    (tmp_path / "my" / "pairs.tsv").write_text("猫\tcat\n")
+    path = _write(tmp_path / "my", MODELS + '[data]\npairs = "pairs.tsv"\n')
+    monkeypatch.chdir("/")
+    p = load_profile(path)
+    assert p.data.pairs == str(tmp_path / "my" / "pairs.tsv") and p.models.base == "zoo:tiny/base"
+    assert p.source == str(path)

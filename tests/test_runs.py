@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -34,3 +35,29 @@ def test_metrics_merge_sorted_and_japanese_readable(tmp_path):
     merged = save_metrics(tmp_path, {"a": 2, "b": 3})
     assert list(merged) == ["a", "b", "prompt"] and merged["b"] == 3
     assert load_metrics(tmp_path) == merged and "子猫" in (tmp_path / "metrics.json").read_text(encoding="utf-8")
+
+
+def test_a_killed_writers_temporaries_are_removed_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited: its temporaries are stale
+    (tmp_path / f".model.{pid}.abc123").mkdir()
+    (tmp_path / f".model.{pid}.abc123" / "half").write_text("x")
+    (tmp_path / f".model.old-{pid}.zz").mkdir()
+    alive = tmp_path / f".model.{os.getppid()}.live"  # a running process's temporary must stay
+    alive.mkdir()
+    with atomic_path(tmp_path / "model") as tmp:
+        tmp.write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", alive.name])
+
+
+def test_summary_is_merged_not_replaced(tmp_path):
+    from jpsdxl.runner import write_summary
+
+    path = tmp_path / "summary.json"
+    write_summary(path, "tiny", [{"notebook": "00_overview", "seconds": 1.0}, {"notebook": "01_x", "seconds": 2.0}])
+    merged = write_summary(path, "tiny", [{"notebook": "00_overview", "seconds": 3.0}])
+    assert [r["notebook"] for r in merged["notebooks"]] == ["00_overview", "01_x"]
+    assert merged["notebooks"][0]["seconds"] == 3.0 and merged["total_seconds"] == 5.0

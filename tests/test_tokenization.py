@@ -1,11 +1,15 @@
 import json
 import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 
+from jpsdxl import clip_tokenizer as C
 from jpsdxl import tokenization as T
+from jpsdxl import tokenizer_tables as tables
 
 CAPTIONS = ["a photo of a cat", "A red CAT, sleeping on the sofa.", "Zürich at 3:45pm, 2024 — café & crème",
             "かわいすぎる子猫", "an astronaut riding a horse on mars, 4k, trending on artstation", "  spaces   everywhere "]
@@ -13,7 +17,7 @@ CAPTIONS = ["a photo of a cat", "A red CAT, sleeping on the sofa.", "Zürich at 
 
 @pytest.fixture(scope="module")
 def clip():
-    return T.build_sdxl_clip_tokenizers()
+    return C.build_sdxl_clip_tokenizers()
 
 
 def test_clip_ids_match_open_clip(clip):
@@ -41,6 +45,24 @@ def test_truncation_keeps_eos_at_76(clip):
         assert len(ids) == 77 and ids[0] == 49406 and ids[76] == 49407
 
 
+def test_truncation_cuts_the_end_not_the_start(clip, ja_tokenizers):
+    """SDXL keeps the *start* of a long prompt: a prompt that starts and ends with different words shows it."""
+    for tok, first, last in [(t, "dog", "bird") for t in clip] + [(t, "犬", "鳥") for t in ja_tokenizers]:
+        sep = " " if first.isascii() else ""
+        prompt = sep.join([first] + ["cat" if first.isascii() else "猫"] * 150 + [last])
+        ids = tok(prompt, padding="max_length", max_length=77, truncation=True)["input_ids"]
+        start = tok(first, add_special_tokens=False)["input_ids"]
+        end = tok(last, add_special_tokens=False)["input_ids"]
+        assert ids[1:1 + len(start)] == start and ids[76] == tok.eos_token_id
+        assert ids[76 - len(end):76] != end
+
+
+def test_byte_table_is_clips(clip):
+    from open_clip.tokenizer import bytes_to_unicode
+
+    assert C.byte_encoder() == bytes_to_unicode()
+
+
 def test_bang_quirk_of_tokenizer_2(clip):
     tok, tok_2 = clip
     assert tok("wow!")["input_ids"] == [49406, 2781, 256, 49407]
@@ -48,7 +70,7 @@ def test_bang_quirk_of_tokenizer_2(clip):
 
 
 def test_clip_byte_pieces(clip):
-    rows = T.clip_byte_pieces(clip[0], "かわいすぎる子猫")
+    rows = tables.clip_byte_pieces(clip[0], "かわいすぎる子猫")
     assert b"".join(bytes.fromhex(r["bytes"]) for r in rows).decode() == "かわいすぎる子猫"
     assert sum(not r["whole characters"] for r in rows) > len(rows) / 2
 
@@ -90,13 +112,53 @@ def test_normalisation_and_odd_prompts(ja_tokenizers):
     assert tok("")["input_ids"] == [2, 3] and tok("   ")["input_ids"] == [2, 3]  # SDXL's unconditional prompt
     unknown = T.unknown_characters(tok, ["猫😀が🐈いる", "😀"])
     assert unknown == {"😀": 2, "🐈": 1}
-    assert tok("猫😀")["input_ids"].count(tok.unk_token_id) == 1
+    assert T.unknown_characters(tok, ["猫 と 犬", " "]) == {}  # spaces are not characters a vocabulary lacks
+    # byte fallback: an emoji becomes its 4 UTF-8 bytes, no <unk>, and decodes back
+    ids = tok("猫😀")["input_ids"]
+    assert tok.unk_token_id not in ids and "<0xF0>" in tok.convert_ids_to_tokens(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == "猫😀"
+
+
+def test_unknown_characters_are_named_as_normalised():
+    """NFKC composes "e" + U+0301 into "é": the unknown character is "é", not "e"."""
+    tok = T.sentencepiece_to_fast(_tiny_model(["cafe latte", "猫 犬"] * 50))
+    assert T.unknown_characters(tok, ["cafe\u0301"]) == {"é": 1}
+
+
+def test_encode_prompts_warns_about_unknown_characters(ja_tokenizers):
+    tok = ja_tokenizers[0]
+    for odd in ("😀", "\u200b", "\ufe0f", "𠮷"):
+        if not T.unknown_characters(tok, ["猫" + odd]):
+            continue  # NFKC or the vocabulary may cover it
+        with pytest.warns(UserWarning, match=f"U\\+{ord(odd):04X}"):
+            T.encode_prompts(tok, ["猫" + odd])
+    with pytest.warns(UserWarning, match="raw UTF-8 bytes"):
+        T.encode_prompts(tok, "猫😀")
+
+
+@pytest.mark.parametrize("bad, message", [({"猫": 1}, "dict"), ([], "no prompts"), (None, "NoneType"),
+                                          (3, "int"), (["猫", 5], "prompt 1 is int"),
+                                          (["猫\ud800"], "lone surrogate")])
+def test_encode_prompts_refuses_bad_input_clearly(ja_tokenizers, bad, message):
+    with pytest.raises(ValueError, match=message):
+        T.encode_prompts(ja_tokenizers[0], bad)
+
+
+def test_unicode_whitespace_is_a_space_documented_difference(small_spm, ja_tokenizers):
+    """Every Unicode space (tab, newline, U+2028 ...) reads as a space, as in the data loader. sentencepiece's plain
+    NFKC rule keeps such characters: the one documented difference between the two."""
+    tok = ja_tokenizers[0]
+    spaces = ["\n", "\t", "\r", "\x0b", "\x0c", "\x85", "\u2028", "\u3000"]
+    for ws in spaces:
+        assert tok(f"猫{ws}犬")["input_ids"] == tok("猫 犬")["input_ids"], repr(ws)
+    differ = T.sentencepiece_agreement(small_spm, tok, [f"猫{ws}犬" for ws in spaces])["differ"]
+    assert differ == 7  # all but the ideographic space U+3000, which NFKC itself maps to a space
 
 
 def test_long_prompt_warns_with_count(ja_tokenizers):
     tok = ja_tokenizers[0]
     n = len(tok("猫" * 100, verbose=False)["input_ids"])
-    with pytest.warns(UserWarning, match=f"{n - 77} token\\(s\\) over"):
+    with pytest.warns(UserWarning, match=f"{n - 77} token\\(s\\) over.*Kept: \\.\\.\\.'猫"):
         batch = T.encode_prompts(tok, ["猫" * 100, "犬"])
     assert tuple(batch["input_ids"].shape) == (2, 77) and batch["input_ids"][0, -1].item() == 3
     with warnings.catch_warnings():
@@ -112,6 +174,56 @@ def _line_like_model(tmp_path, splits):
                                    character_coverage=0.99,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2, num_threads=2)
     return prefix.with_suffix(".model")
+
+
+def _tiny_model(texts, out=None, **kw):
+    """A small sentencepiece model trained in memory (seconds)."""
+    import io
+
+    f = io.BytesIO()
+    args = dict(vocab_size=60, character_coverage=1.0, minloglevel=2, num_threads=1, hard_vocab_limit=False,
+                pad_id=0, unk_id=1, bos_id=2, eos_id=3, normalization_rule_name="nfkc")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=f, **{**args, **kw})
+    out = out or Path(tempfile.mkdtemp()) / "m.model"
+    out.write_bytes(f.getvalue())
+    return out
+
+
+def test_missing_bos_or_eos_is_a_clear_error():
+    model = _tiny_model(["猫 犬 鳥"] * 20)
+    for role in ("bos", "eos"):
+        with pytest.raises(ValueError, match=f"no {role} piece"):
+            T.sentencepiece_to_fast(model, specials={"bos": "<s>", "eos": "</s>",
+                                                    role: "<nope>"})
+
+
+def test_eos_id_2_without_pad_trades_with_another_control_piece():
+    texts = ["猫 犬 鳥 赤い 青い"] * 20
+    model = _tiny_model(texts, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=["<ctrl>"])
+    tok = T.sentencepiece_to_fast(model)
+    assert tok.eos_token_id != 2 and tok.convert_ids_to_tokens(tok.eos_token_id) == "</s>"
+    assert tok.pad_token_id == tok.eos_token_id  # no pad piece: pads with EOS, as SDXL's first tokenizer
+    assert tok.convert_ids_to_tokens(2) == "<ctrl>"
+    assert T.sentencepiece_agreement(model, tok, texts[:1] + ["赤い猫"])["agreement"] == 1.0
+    bare = _tiny_model(texts, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    with pytest.raises(ValueError, match="no other control piece"):
+        T.sentencepiece_to_fast(bare)
+
+
+def test_training_refuses_too_large_a_vocabulary_with_advice(tmp_path):
+    with pytest.raises(T.VocabularyTooLarge, match=r"support at most [\d,]+ .*vocab_size = \d+"):
+        T.train_sentencepiece(["猫が好き", "犬が好き"] * 10, tmp_path / "m.model", vocab_size=8000)
+    with pytest.raises(T.VocabularyTooLarge, match="lower character_coverage"):
+        T.train_sentencepiece([chr(0x4E00 + i) * 3 for i in range(400)], tmp_path / "m.model", vocab_size=300,
+                              character_coverage=1.0)
+
+
+def test_training_needs_no_file_path_and_is_reproducible(tmp_path):
+    """sentencepiece splits input= on commas; we never hand it a path. Same data, same bytes, any folder."""
+    texts = ["猫が好き", "犬が好き", "鳥が好き"] * 30
+    a = T.train_sentencepiece(texts, tmp_path / "a,b" / "m.model", vocab_size=268)  # 256 byte pieces + a few
+    b = T.train_sentencepiece(texts, tmp_path / "c" / "m.model", vocab_size=268)
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_eos_id_2_is_moved(tmp_path, splits):
@@ -148,9 +260,19 @@ def test_hub_tokenizer_path_on_local_stand_in(tmp_path, splits, tiny):
 
 def test_measurements(clip, ja_tokenizers, splits):
     held_out = [ja for ja, _ in splits.test[:500]]
-    assert T.tokens_per_char(clip[0], held_out) > 2 * T.tokens_per_char(ja_tokenizers[0], held_out)
-    assert T.overflow_rate(clip[0], ["猫" * 80]) == 1.0 and T.overflow_rate(ja_tokenizers[0], ["猫"]) == 0.0
-    rows, n = T.layout(ja_tokenizers[1], "猫"), len(ja_tokenizers[1]("猫")["input_ids"])
+    assert tables.tokens_per_char(clip[0], held_out) > 2 * tables.tokens_per_char(ja_tokenizers[0], held_out)
+    assert tables.overflow_rate(clip[0], ["猫" * 80]) == 1.0 and tables.overflow_rate(ja_tokenizers[0], ["猫"]) == 0.0
+    rows, n = tables.layout(ja_tokenizers[1], "猫"), len(ja_tokenizers[1]("猫")["input_ids"])
     assert [r["role"] for r in rows] == ["bos"] + ["text"] * (n - 2) + ["eos"] + ["pad"] * (77 - n)
-    table = T.side_by_side({"a": clip[0], "b": ja_tokenizers[0]}, "猫")
-    assert len(table["a"]) == len(table["position"]) == 15
+
+
+def test_side_by_side_shows_every_eos_and_marks_the_gap(clip, ja_tokenizers):
+    prompt = "かわいすぎる子猫"
+    table = tables.side_by_side({"clip": clip[0], "ja": ja_tokenizers[0]}, prompt)
+    clip_eos = len(clip[0](prompt)["input_ids"]) - 1  # 16 for this prompt
+    assert any(cell.startswith(f"{clip[0].eos_token_id}:") and "(eos)" in cell for cell in table["clip"])
+    assert table["position"][clip_eos] == str(clip_eos) and "(eos)" in table["clip"][clip_eos]
+    assert "(eos)" in table["ja"][len(ja_tokenizers[0](prompt)["input_ids"]) - 1]
+    gap = [i for i, p in enumerate(table["position"]) if p.startswith(tables.GAP)]
+    assert len(gap) == 1 and table["position"][gap[0]] == f"{tables.GAP} {clip_eos + 2}-73"
+    assert table["position"][-3:] == ["74", "75", "76"] and table["clip"][gap[0]] == f"{tables.GAP} (pad)"
