@@ -1,7 +1,8 @@
 """``jpsdxl``: the command line. ``jpsdxl run --profile tiny`` executes the whole tutorial.
 
 Sub-commands: ``run`` (notebooks, in order, by papermill), ``prepare`` (fetch data, build the zoo and the
-tokenizer ahead of a run), ``env`` (versions and hardware), ``profiles`` (what each profile is for).
+tokenizer ahead of a run), ``train-shapes`` (rebuild the shapes world's shipped weights), ``env`` (versions and
+hardware), ``profiles`` (what each profile is for).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-html", action="store_true", help="skip the HTML export")
     prep = sub.add_parser("prepare", help="fetch data, build the zoo and the Japanese tokenizer")
     prep.add_argument("--profile", default="tiny")
+    train = sub.add_parser("train-shapes", help="retrain the shapes world (tiny VAE, base and refiner UNets) from "
+                                                "its recipe and seed, into jpsdxl/zoo_weights/shapes/")
+    train.add_argument("--out", default=None, help="output folder (default: the shipped weights' folder)")
     sub.add_parser("env", help="print versions, CPU, memory, GPU")
     sub.add_parser("profiles", help="list the profiles")
     args = parser.parse_args(argv)
@@ -60,6 +64,20 @@ def _dispatch(args) -> int:
             print(f"{role}: {folder}")
         tok, _ = japanese_tokenizers(profile, None if splits.streamed else [ja for ja, _ in splits.train])
         print(f"Japanese tokenizer: {len(tok):,} pieces")
+    elif args.command == "train-shapes":
+        from pathlib import Path
+
+        from .shapes_training import train_shapes_world
+        from .zoo import RECIPES, WEIGHTS_DIR
+
+        out = Path(args.out).resolve() if args.out else WEIGHTS_DIR / RECIPES["shapes"]["weights"]
+        info = train_shapes_world(out)
+        print(f"wrote {out} in {info['total_seconds'] / 60:.1f} min (recipe {info['recipe']})")
+        if out == WEIGHTS_DIR / RECIPES["shapes"]["weights"]:
+            from .shapes_training import judge_shipped
+
+            scores = judge_shipped(out)["english_base_and_refiner"]
+            print(f"English prompts, judged: colour {scores['colour']:.1%}, shape {scores['shape']:.1%}")
     elif args.command == "env":
         from .overview import environment_report
 

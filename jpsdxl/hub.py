@@ -24,8 +24,10 @@ ADVICE = """What to do:
   * without internet: point the profile at a local folder holding a copy of it;
   * or use the offline profile: --profile tiny (papermill: -p profile tiny)."""
 
-KINDS = ("pipeline", "model", "tokenizer")
+KINDS = ("pipeline", "model", "tokenizer", "sentence-transformers")
 TOKENIZER_FILES = ["*.model", "tokenizer*.json", "special_tokens_map.json", "vocab*", "merges.txt"]
+# what SentenceTransformer(folder) reads: its module list and configs, the safetensors weights, the tokenizer
+SENTENCE_TRANSFORMERS_FILES = ["*.json", "model.safetensors", "1_Pooling/*", "sentencepiece.bpe.model", "*.txt"]
 
 
 class ModelNotAvailable(RuntimeError):
@@ -54,14 +56,16 @@ def _download(spec: str, kind: str, variant: str | None) -> Path:
         return Path(DiffusionPipeline.download(spec, variant=variant, use_safetensors=True, local_files_only=offline))
     from huggingface_hub import snapshot_download
 
-    patterns = model_files(variant) if kind == "model" else TOKENIZER_FILES
+    patterns = {"model": model_files(variant), "tokenizer": TOKENIZER_FILES,
+                "sentence-transformers": SENTENCE_TRANSFORMERS_FILES}[kind]
     return Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=offline))
 
 
 def resolve(spec: str, what: str = "model", kind: str = "pipeline", variant: str | None = None) -> Path:
     """Local folder for ``spec``. ``what`` names the role in error messages (e.g. "SDXL base").
 
-    ``kind``: "pipeline" (a diffusers pipeline repo), "model" (one diffusers model, e.g. a VAE) or "tokenizer".
+    ``kind``: "pipeline" (a diffusers pipeline repo), "model" (one diffusers model, e.g. a VAE), "tokenizer", or
+    "sentence-transformers" (stage 2's embedder).
     ``variant``: the weights variant to fetch ("fp16" for SDXL's half-precision files), hub ids only.
     """
     if kind not in KINDS:
@@ -110,6 +114,8 @@ def profile_models(profile) -> dict[str, tuple[str, str, str | None]]:
         roles["VAE"] = (m.vae, "model", None)
     if t.source != "sentencepiece":
         roles["Japanese tokenizer"] = (t.source, "tokenizer", None)
+    if profile.init.embedder.startswith("st:"):
+        roles["embedder"] = (profile.init.embedder[3:], "sentence-transformers", None)
     return roles
 
 

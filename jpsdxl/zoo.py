@@ -59,6 +59,10 @@ _TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_bloc
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
                   use_linear_projection=True, transformer_layers_per_block=(1, 2), norm_num_groups=32)
 
+_TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), sample_size=64,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 norm_num_groups=32)
+
 RECIPES = {
     "tiny": _recipe(
         te1=_text_encoder(64, 4, 4, 64, "quick_gelu"),
@@ -66,10 +70,22 @@ RECIPES = {
         time_dim=8,
         base_unet=_TINY_UNET,
         refiner_unet=_TINY_UNET,
-        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), sample_size=64,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                 norm_num_groups=32),
+        vae=_TINY_VAE,
     ),
+    # The same tiny SDXL, trained on the shapes world (32x32 images, 4x16x16 latents): the text encoders stay the
+    # random frozen ones (seeded, rebuilt, never shipped); VAE and UNets come from the weights shipped in
+    # jpsdxl/zoo_weights/shapes/, which carry this recipe's hash. Rebuild them with `jpsdxl train-shapes`.
+    "shapes": _recipe(
+        te1=_text_encoder(64, 4, 4, 64, "quick_gelu"),
+        te2=_text_encoder(96, 4, 4, 96, "gelu"),
+        time_dim=8,
+        base_unet=dict(_TINY_UNET, sample_size=16),
+        refiner_unet=dict(_TINY_UNET, sample_size=16),
+        vae=dict(_TINY_VAE, sample_size=32),
+    ) | {"weights": "shapes", "train": dict(
+        seed=0, vae_steps=1000, vae_batch=32, vae_lr=2e-3, vae_kl=1e-6, latents=20_000, base_steps=3000,
+        refiner_steps=1000, batch=32, lr=1e-3, warmup=100, ema=0.999, caption_dropout=0.1, min_snr_gamma=5.0,
+        refiner_max_timestep=300)},
     "sdxl": _recipe(  # stabilityai/stable-diffusion-xl-{base,refiner}-1.0 shapes
         te1=_text_encoder(768, 12, 12, 768, "quick_gelu"),  # CLIP ViT-L/14 text tower
         te2=_text_encoder(1280, 32, 20, 1280, "gelu"),  # OpenCLIP ViT-bigG/14 text tower
@@ -91,6 +107,41 @@ RECIPES = {
                  layers_per_block=2, sample_size=1024, scaling_factor=0.13025, norm_num_groups=32),
     ) | {"save_dtype": "float16"},  # 5.7B random parameters: store them as the hub's fp16 variant would (11 GB)
 }
+
+
+WEIGHTS_DIR = Path(__file__).parent / "zoo_weights"
+
+
+class StaleWeights(RuntimeError):
+    """Shipped weights that a different recipe made: rebuild them rather than load them silently."""
+
+
+def load_trained(name: str, components: dict) -> dict:
+    """Put a recipe's shipped trained weights into its freshly built ``components`` (checked against its hash)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = WEIGHTS_DIR / RECIPES[name]["weights"]
+    key = recipe_key(name)
+    info = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
+    if info.get("recipe") != key:
+        raise StaleWeights(f"{folder}: the shipped weights were made by recipe {info.get('recipe')!r}, but the "
+                           f"recipe is now {key!r}. Rebuild them: jpsdxl train-shapes (see README).")
+    for part in ("vae", "unet_base", "unet_refiner"):
+        path = folder / f"{part}.safetensors"
+        with safe_open(path, "pt") as f:
+            if f.metadata().get("recipe") != key:
+                raise StaleWeights(f"{path} carries recipe {f.metadata().get('recipe')!r}, expected {key!r}: "
+                                   f"rebuild with jpsdxl train-shapes")
+        module = components[part]
+        module.load_state_dict({k: v.to(module.dtype) for k, v in load_file(path).items()})
+    components["vae"].register_to_config(scaling_factor=info["scaling_factor"])
+    return components
+
+
+def training_record(name: str = "shapes") -> dict:
+    """What training a recipe's shipped weights recorded: time, settings, loss curves, the VAE's judge scores."""
+    return json.loads((WEIGHTS_DIR / RECIPES[name]["weights"] / "training.json").read_text())
 
 
 def recipe_key(name: str) -> str:
@@ -135,6 +186,8 @@ def build_recipe(name: str, out_dir: str | Path) -> Path:
     if name not in RECIPES:
         raise ValueError(f"No zoo recipe {name!r}; available: {sorted(RECIPES)}")
     c = build_components(name)
+    if "weights" in RECIPES[name]:
+        load_trained(name, c)
     if "save_dtype" in RECIPES[name]:
         import torch
 
@@ -156,12 +209,24 @@ def build_recipe(name: str, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def cache_key(name: str) -> str:
+    """Cache folder name of a built recipe: its recipe key, plus a hash of its shipped weights when it has some
+    (retrained weights under an unchanged recipe must not be served from an old build)."""
+    key = recipe_key(name)
+    if "weights" not in RECIPES[name]:
+        return key
+    h = hashlib.sha256()
+    for path in sorted((WEIGHTS_DIR / RECIPES[name]["weights"]).glob("*.safetensors")):
+        h.update(path.read_bytes())
+    return f"{key}-{h.hexdigest()[:8]}"
+
+
 def build_from_zoo(spec: str) -> Path:
     """``zoo:<recipe>/<part>`` -> the cached folder of that part, building the recipe on first use."""
     name, _, part = spec.removeprefix("zoo:").partition("/")
     if name not in RECIPES or part not in ("base", "refiner"):
         raise ValueError(f"{spec!r}: expected zoo:<recipe>/base or zoo:<recipe>/refiner, recipes {sorted(RECIPES)}")
-    folder = cache_dir("zoo") / recipe_key(name)
+    folder = cache_dir("zoo") / cache_key(name)
     if not (folder / "zoo.json").exists():
         with atomic_path(folder) as tmp:
             build_recipe(name, tmp)

@@ -36,7 +36,7 @@ def test_japanese_prompt_string_runs(tiny, pipelines, ja_tokenizers):
                                                     tokenizer=ja_tokenizers[0], tokenizer_2=ja_tokenizers[1])
     assert ja_refiner.tokenizer_2 is ja_tokenizers[1] and ja_refiner.text_encoder_2 is ja_base.text_encoder_2
     images, latents = generation.generate(tiny, ja_base, ja_refiner, "かわいすぎる子猫", output_type="np")
-    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    assert images.shape == (1, tiny.generate.height, tiny.generate.width, 3) and np.isfinite(images).all()
 
 
 def test_reduced_precision_path(tiny):

@@ -21,6 +21,7 @@ def test_offline_full_fails_fast_with_instructions(monkeypatch, tmp_path):
     assert "stabilityai/stable-diffusion-xl-base-1.0" in message and "SDXL base" in message
     assert "stabilityai/stable-diffusion-xl-refiner-1.0" in message and "madebyollin/sdxl-vae-fp16-fix" in message
     assert "Japanese tokenizer 'line-corporation/japanese-large-lm-3.6b'" in message  # every model, one message
+    assert "embedder 'intfloat/multilingual-e5-large'" in message
     assert "HF_HUB_OFFLINE" in message and "--profile tiny" in message
     assert err.value.__cause__ is None  # no chained stack trace from huggingface_hub
 

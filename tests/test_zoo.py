@@ -30,7 +30,7 @@ def test_zoo_folder_layout_and_cache(tiny):
     from jpsdxl.hub import resolve
 
     base, refiner = resolve(tiny.models.base), resolve(tiny.models.refiner)
-    assert base.parent == refiner.parent and base.parent.name == zoo.recipe_key("tiny")
+    assert base.parent == refiner.parent and base.parent.name == zoo.cache_key(tiny.models.base[4:].split("/")[0])
     index = json.loads((base / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
     assert json.loads((refiner / "model_index.json").read_text())["text_encoder"] == [None, None]

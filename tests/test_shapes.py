@@ -1,0 +1,107 @@
+"""The shapes world: its generator, captions and judge, a short training run, and the shipped trained weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from jpsdxl import shapes as S
+from jpsdxl import zoo
+
+
+def test_generator_is_deterministic_for_a_seed():
+    a, sa = S.sample(50, seed=7)
+    b, sb = S.sample(50, seed=7)
+    c, _ = S.sample(50, seed=8)
+    assert np.array_equal(a, b) and sa == sb and not np.array_equal(a, c)
+    assert a.shape == (50, S.IMAGE_SIZE, S.IMAGE_SIZE, 3) and a.dtype == np.uint8
+    assert {s.colour for s in sa} == set(S.COLOURS) and {s.shape for s in sa} == set(S.SHAPES)
+
+
+def test_judge_is_right_on_ground_truth_and_on_blurred_noisy_copies():
+    images, truth = S.sample(600, seed=11)
+    targets = [(s.colour, s.shape) for s in truth]
+    assert S.score(images, targets)["both"] == 1.0
+    # generated images are soft and noisy: the judge must not depend on crisp edges
+    rng = np.random.default_rng(0)
+    soft = images.astype(np.float64)
+    soft = (soft + np.roll(soft, 1, 1) + np.roll(soft, -1, 1) + np.roll(soft, 1, 2) + np.roll(soft, -1, 2)) / 5
+    soft = np.clip(soft + rng.normal(0, 12, soft.shape), 0, 255).astype(np.uint8)
+    assert S.score(soft, targets)["both"] >= 0.97
+
+
+def test_judge_can_fail():
+    red_circle = S.render(S.Shape("red", "circle", 8, 16, 16))
+    assert S.judge(red_circle).colour == "red" and S.judge(red_circle).shape == "circle"
+    assert S.score([red_circle], [("blue", "square")])["both"] == 0.0
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    assert S.judge(blank).colour is None
+
+
+def test_captions_and_held_out_split():
+    assert S.english_captions("red", "circle")[0] == "a red circle"
+    assert S.japanese_captions("red", "circle") == ["赤い丸", "赤色の円", "丸くて赤い図形"]
+    train, held = S.caption_pairs("train"), S.caption_pairs("held_out")
+    assert not set(train) & set(held) and len(train) + len(held) == 18 * 3
+    assert ("赤い丸", "a red circle") in train
+    held_combos = {en for _, en in held if not _.endswith("図形")}
+    assert held_combos == {f"a {c} {s}" for c, s in S.HELD_OUT_COMBINATIONS}
+    assert all(en not in {e for _, e in train} for en in held_combos)  # no phrasing of a held-out combination trains
+
+
+def test_short_training_run_lowers_the_loss():
+    from jpsdxl.shapes_training import TrainConfig, train_unet, train_vae
+
+    torch.manual_seed(0)
+    cfg = TrainConfig.from_recipe(vae_steps=30, vae_batch=8, batch=8, latents=64, warmup=5)
+    parts = zoo.build_components("shapes")
+    vae_losses = train_vae(parts["vae"], cfg)
+    assert np.mean(vae_losses[-5:]) < 0.6 * np.mean(vae_losses[:5])
+    # the UNet on fixed latents and an unconditional input, 40 steps: its loss must fall too
+    means, stds = torch.randn(64, 4, 16, 16), torch.full((64, 4, 16, 16), 0.1)
+    embeds, pooled, time_ids = torch.zeros(1, 77, 160), torch.zeros(1, 96), torch.tensor([[32.0, 32, 0, 0, 32, 32]])
+    shapes = [S.Shape("red", "circle", 8, 16, 16)] * 64
+    cfg = TrainConfig.from_recipe(batch=8, warmup=5, caption_dropout=1.0)
+    _, losses = train_unet(parts["unet_base"], (embeds, pooled, time_ids), means, stds, shapes, 1.0, cfg, 40)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_shipped_weights_carry_the_recipes_hash():
+    """An edited recipe cannot silently keep weights trained by the old one."""
+    from safetensors import safe_open
+
+    folder = zoo.WEIGHTS_DIR / zoo.RECIPES["shapes"]["weights"]
+    key = zoo.recipe_key("shapes")
+    assert json.loads((folder / "training.json").read_text())["recipe"] == key
+    for part in ("vae", "unet_base", "unet_refiner"):
+        with safe_open(folder / f"{part}.safetensors", "pt") as f:
+            assert f.metadata()["recipe"] == key
+        assert (folder / f"{part}.safetensors").stat().st_size < 5_000_000
+
+
+def test_an_edited_recipe_refuses_the_old_weights(monkeypatch, tmp_path):
+    monkeypatch.setitem(zoo.RECIPES["shapes"], "train", dict(zoo.RECIPES["shapes"]["train"], base_steps=1))
+    with pytest.raises(zoo.StaleWeights, match="jpsdxl train-shapes"):
+        zoo.build_recipe("shapes", tmp_path / "x")
+
+
+def test_trained_pipelines_load_with_plain_diffusers_and_draw(tiny):
+    """No jpsdxl code between the folders and the images: plain diffusers loads and runs them."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from jpsdxl.hub import resolve
+
+    base = StableDiffusionXLPipeline.from_pretrained(resolve(tiny.models.base))
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(resolve(tiny.models.refiner),
+                                                               text_encoder_2=base.text_encoder_2, vae=base.vae)
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(3)]
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    latents = base(prompts, num_inference_steps=tiny.generate.steps, denoising_end=0.8, output_type="latent",
+                   height=32, width=32, generator=gens, guidance_scale=tiny.generate.guidance_scale).images
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(3)]
+    images = refiner(prompts, image=latents, num_inference_steps=tiny.generate.steps, denoising_start=0.8,
+                     generator=gens, guidance_scale=tiny.generate.guidance_scale, output_type="np").images
+    assert images.shape == (3, 32, 32, 3)
+    assert S.score((images * 255).round().astype(np.uint8), [("red", "circle"), ("blue", "square"),
+                                                             ("green", "triangle")])["both"] >= 2 / 3
