@@ -39,6 +39,17 @@ def byte_encoder() -> dict[int, str]:
     return bytes_to_unicode()
 
 
+def token_bytes(token: str) -> bytes:
+    """The UTF-8 bytes a CLIP BPE token stands for (its ``</w>`` word-end mark dropped): maybe not whole characters."""
+    decoder = _byte_decoder()
+    return bytes(decoder[c] for c in token.removesuffix("</w>") if c in decoder)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    return {v: k for k, v in byte_encoder().items()}
+
+
 def write_clip_vocab(out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``vocab.json`` and ``merges.txt`` exactly as OpenAI's ``SimpleTokenizer`` builds its vocabulary:
     256 byte symbols, the same with ``</w>``, 48,894 merges, then SOT and EOT: 49,408 entries."""

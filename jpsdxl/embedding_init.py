@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .clip_tokenizer import byte_encoder
+from .clip_tokenizer import token_bytes
 from .encoders import japanese_copy
 from .runs import atomic_path, cache_dir
 
@@ -66,10 +66,8 @@ def japanese_vocab(tokenizer) -> Vocab:
 
 def clip_token_text(token: str) -> str | None:
     """The text a CLIP BPE token stands for (bytes decoded as UTF-8), or None for a fragment of a character."""
-    decoder = {v: k for k, v in byte_encoder().items()}
-    raw = bytes(decoder[c] for c in token.removesuffix("</w>") if c in decoder)
     try:
-        return raw.decode("utf-8").strip() or None
+        return token_bytes(token).decode("utf-8").strip() or None
     except UnicodeDecodeError:
         return None
 

@@ -123,8 +123,9 @@ def random_shape(rng: np.random.Generator, colour: str | None = None, shape: str
     return Shape(str(colour), str(shape), half, cx, cy)
 
 
-def sample(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Shape]]:
-    """``n`` images (uint8 ``[n, size, size, 3]``) and what is in them, from ``seed``: same seed, same images."""
+def sample(n: int, seed: int | np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Shape]]:
+    """``n`` images (uint8 ``[n, size, size, 3]``) and what is in them, from ``seed`` (or a generator to draw
+    from): same seed, same images."""
     rng = np.random.default_rng(seed)
     shapes = [random_shape(rng, size=size) for _ in range(n)]
     return np.stack([render(s, size) for s in shapes]), shapes

@@ -70,9 +70,9 @@ def _schedule(optimizer, warmup: int, total: int):
 
 
 def _images(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[S.Shape]]:
-    shapes = [S.random_shape(rng) for _ in range(n)]
-    pixels = np.stack([S.render(s) for s in shapes]).astype(np.float32) / 127.5 - 1
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2), shapes
+    """``n`` fresh shape images as a ``[n, 3, H, W]`` tensor in [-1, 1] (the VAE's range), and what they show."""
+    pixels, shapes = S.sample(n, rng)
+    return torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2), shapes
 
 
 def train_vae(vae, cfg: TrainConfig, progress=None) -> list[float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .clip_tokenizer import MAX_LENGTH, byte_encoder
+from .clip_tokenizer import MAX_LENGTH, token_bytes
 from .data import normalize_text
 from .tokenization import overflow
 
@@ -77,11 +77,10 @@ BYTE_PIECE_COLUMNS = ["id", "token", "bytes", "text", "whole characters"]
 
 def clip_byte_pieces(tokenizer, text: str) -> list[dict]:
     """How CLIP's byte-level BPE cuts ``text``: each token's UTF-8 bytes, and whether they form whole characters."""
-    byte_decoder = {v: k for k, v in byte_encoder().items()}
     rows = []
     for tid in tokenizer(text, add_special_tokens=False)["input_ids"]:
         token = tokenizer.convert_ids_to_tokens(tid)
-        raw = bytes(byte_decoder[c] for c in token.removesuffix("</w>") if c in byte_decoder)
+        raw = token_bytes(token)
         try:
             shown, whole = raw.decode("utf-8"), True
         except UnicodeDecodeError:
