@@ -10,7 +10,7 @@ Japanese prompt (「赤い丸」) draws the same, before and after distillation.
   phrasings are held out of stage 3's training pairs is fixed here (``HELD_OUT_*``), so stages 3 and 4 can test
   on what distillation never saw.
 * ``judge``: a pixel classifier, no learning: the dominant hue of the saturated pixels against the palette, and
-  the shape from the mask's geometry (how much of its bounding box it fills, and whether it narrows upwards).
+  the shape from the mask's geometry in its bounding box (whether it narrows upwards, whether it fills the corners).
 
 This file does not train anything (``shapes_training.py``) or build pipelines (``zoo.py``).
 """
@@ -142,7 +142,7 @@ PALETTE_HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in spec["rgb"]))[0] * 
 class Verdict:
     colour: str | None  # None: no shape found
     shape: str | None
-    fill: float  # mask area / bounding-box area (circle ~0.79, square ~1, triangle ~0.5)
+    fill: float  # mask area / bounding-box area (circle ~0.79, square ~1, triangle ~0.5): shown, not decisive
     pixels: int
 
 
@@ -161,16 +161,20 @@ def judge(image: np.ndarray, min_saturation: float = 0.35, min_pixels: int = 6) 
     w = saturation[mask]
     mean = math.atan2((w * np.sin(hue)).sum(), (w * np.cos(hue)).sum()) % (2 * math.pi) * 180 / math.pi
     colour = min(PALETTE_HUES, key=lambda c: min(abs(mean - PALETTE_HUES[c]), 360 - abs(mean - PALETTE_HUES[c])))
-    # shape: keep the largest blob's bounding box; fill ratio separates the three, taper confirms triangles
+    # shape from the mask's geometry in its bounding box: a triangle narrows upwards; a square fills its corners,
+    # a circle leaves them empty (soft, generated edges lower a square's overall fill, not its corners much)
     ys, xs = np.nonzero(mask)
-    h, w_ = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    fill = mask.sum() / (h * w_)
-    rows = mask[ys.min(): ys.max() + 1].sum(1)
+    box = mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    h, w_ = box.shape
+    fill = box.mean()
+    rows = box.sum(1)
     top, bottom = rows[: max(1, h // 3)].mean(), rows[-max(1, h // 3):].mean()
-    if fill > 0.9:
-        shape = "square"
-    elif fill < 0.66 or top < 0.6 * bottom:
+    ch, cw = max(1, round(h / 5)), max(1, round(w_ / 5))
+    corners = np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(), box[-ch:, -cw:].mean()])
+    if top < 0.6 * bottom:
         shape = "triangle"
+    elif corners > 0.5:
+        shape = "square"
     else:
         shape = "circle"
     return Verdict(colour, shape, float(fill), int(mask.sum()))

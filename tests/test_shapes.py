@@ -25,10 +25,15 @@ def test_judge_is_right_on_ground_truth_and_on_blurred_noisy_copies():
     assert S.score(images, targets)["both"] == 1.0
     # generated images are soft and noisy: the judge must not depend on crisp edges
     rng = np.random.default_rng(0)
-    soft = images.astype(np.float64)
-    soft = (soft + np.roll(soft, 1, 1) + np.roll(soft, -1, 1) + np.roll(soft, 1, 2) + np.roll(soft, -1, 2)) / 5
-    soft = np.clip(soft + rng.normal(0, 12, soft.shape), 0, 255).astype(np.uint8)
-    assert S.score(soft, targets)["both"] >= 0.97
+    def blur(a):
+        return (a + np.roll(a, 1, 1) + np.roll(a, -1, 1) + np.roll(a, 1, 2) + np.roll(a, -1, 2)) / 5
+
+    soft = np.clip(blur(images.astype(np.float64)) + rng.normal(0, 12, images.shape), 0, 255).astype(np.uint8)
+    assert S.score(soft, targets)["both"] >= 0.98
+    # twice as soft: squares lose their crisp corners' share of the box (the first judge, a fill-ratio threshold,
+    # called 4 % of these circles; generated squares showed the same)
+    softer = np.clip(blur(blur(images.astype(np.float64))) + rng.normal(0, 12, images.shape), 0, 255).astype(np.uint8)
+    assert S.score(softer, targets)["shape"] >= 0.98
 
 
 def test_judge_can_fail():
