@@ -39,7 +39,7 @@ def japanese_config(teacher_config, tokenizer):
     return type(teacher_config).from_dict(cfg)
 
 
-def initial_rows(teacher, vocab_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+def starting_embedding(teacher, vocab_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The ``[vocab_size, hidden]`` matrix a copy's embedding starts from (float32, on the teacher's device).
 
     ``rows`` is either an index (LongTensor ``[vocab_size]``: row i = teacher row ``rows[i]``), or a ready float
@@ -66,7 +66,7 @@ def japanese_copy(teacher, tokenizer, teacher_tokenizer, rows: torch.Tensor | No
                   dtype: torch.dtype | None = torch.float32):
     """A copy of ``teacher`` (CLIPTextModel or CLIPTextModelWithProjection) for ``tokenizer``'s vocabulary.
 
-    ``rows``: see ``initial_rows`` (an index into the teacher's rows, a float matrix, or None for the mean row).
+    ``rows``: see ``starting_embedding`` (an index into the teacher's rows, a float matrix, or None for the mean row).
     Either way the special rows map to the teacher's: BOS -> BOS, EOS -> EOS, pad -> the teacher tokenizer's pad.
     ``dtype``: of the copy (default float32, for training; ``None`` keeps the teacher's). The copy shares no
     storage with the teacher.
@@ -91,7 +91,7 @@ def japanese_copy(teacher, tokenizer, teacher_tokenizer, rows: torch.Tensor | No
             module._buffers[buffer_name] = teacher_buffers[name].detach().clone()
 
     old = teacher.get_input_embeddings().weight
-    new = initial_rows(teacher, len(tokenizer), rows)
+    new = starting_embedding(teacher, len(tokenizer), rows)
     for ja_id, en_id in ((tokenizer.bos_token_id, teacher_tokenizer.bos_token_id),
                          (tokenizer.eos_token_id, teacher_tokenizer.eos_token_id),
                          (tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)):

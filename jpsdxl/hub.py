@@ -90,13 +90,10 @@ def resolve(spec: str, what: str = "model", kind: str = "pipeline", variant: str
         raise ModelNotAvailable([f"{what} {spec!r} is not available: {type(e).__name__}: {e}"]) from e
 
 
-def resolve_all(specs: dict[str, tuple | str | None]) -> dict[str, Path]:
-    """Resolve several models (role -> spec or (spec, kind, variant); None is skipped); report *every* missing one."""
+def resolve_all(specs: dict[str, tuple[str, str, str | None]]) -> dict[str, Path]:
+    """Resolve several models (role -> (spec, kind, variant)); report *every* missing one in one error."""
     found, problems = {}, []
-    for what, spec in specs.items():
-        if spec is None:
-            continue
-        spec, kind, variant = (spec, "pipeline", None) if isinstance(spec, str) else spec
+    for what, (spec, kind, variant) in specs.items():
         try:
             found[what] = resolve(spec, what, kind, variant)
         except ModelNotAvailable as e:

@@ -14,7 +14,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from .hub import folder_size, resolve_profile
+from .hub import resolve_profile
 from .profiles import available_profiles, load_profile
 
 # notebook stem -> (stage, module, what it teaches)

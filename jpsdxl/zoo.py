@@ -119,11 +119,10 @@ class StaleWeights(RuntimeError):
 def load_trained(name: str, components: dict) -> dict:
     """Put a recipe's shipped trained weights into its freshly built ``components`` (checked against its hash)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     folder = WEIGHTS_DIR / RECIPES[name]["weights"]
     key = recipe_key(name)
-    info = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
+    info = training_record(name) if (folder / "training.json").exists() else {}
     if info.get("recipe") != key:
         raise StaleWeights(f"{folder}: the shipped weights were made by recipe {info.get('recipe')!r}, but the "
                            f"recipe is now {key!r}. Rebuild them: jpsdxl train-shapes (see README).")
@@ -133,8 +132,8 @@ def load_trained(name: str, components: dict) -> dict:
             if f.metadata().get("recipe") != key:
                 raise StaleWeights(f"{path} carries recipe {f.metadata().get('recipe')!r}, expected {key!r}: "
                                    f"rebuild with jpsdxl train-shapes")
-        module = components[part]
-        module.load_state_dict({k: v.to(module.dtype) for k, v in load_file(path).items()})
+            module = components[part]
+            module.load_state_dict({k: f.get_tensor(k).to(module.dtype) for k in f.keys()})
     components["vae"].register_to_config(scaling_factor=info["scaling_factor"])
     return components
 
