@@ -19,7 +19,6 @@ This file does not train (``distillation.py``) or measure loss and retrieval (``
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ import torch
 from .clip_tokenizer import token_bytes
 from .encoders import japanese_copy
 from .runs import atomic_path, cache_dir
+from .tokenization import CONTROL_PIECE
 
-CONTROL_PIECE = re.compile(r"<[^<>\s]+>")  # <pad>, <unk>, <s>, </s>, <|endoftext|>, byte pieces <0xE3> ...
 
 
 # -----------------------------------------------------------------------------

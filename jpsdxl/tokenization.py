@@ -36,6 +36,9 @@ FAST_LAYOUT_VERSION = 3  # bump when sentencepiece_to_fast changes, so cached fa
 # Names of the Japanese special pieces when we train the model ourselves: CLIP's own names, so that layouts
 # read the same side by side. Ids: pad 0, unk 1, bos 2, eos 3 (never eos 2: see encoders.py).
 JA_SPECIALS = dict(pad="<pad>", unk="<unk>", bos=CLIP_BOS, eos=CLIP_EOS)
+# Pieces that stand for no text: control pieces (<pad>, <unk>, <s>, </s>, <|endoftext|>) and byte pieces (<0xE3>).
+# Whether a tokenizer declares them special or not (tokenizer pads with EOS, so its <pad> is an ordinary entry).
+CONTROL_PIECE = re.compile(r"<[^<>\s]+>")
 
 
 # -----------------------------------------------------------------------------
@@ -342,9 +345,7 @@ def _byte_fallback(tokenizer) -> bool:
 def _vocabulary_characters(tokenizer) -> frozenset[str]:
     cached = getattr(tokenizer, "_jpsdxl_chars", None)
     if cached is None:
-        specials = set(tokenizer.all_special_tokens)
-        pieces = [p for p in tokenizer.get_vocab() if p not in specials and not re.fullmatch(r"<0x[0-9A-F]{2}>", p)]
-        cached = frozenset("".join(pieces))
+        cached = frozenset("".join(p for p in tokenizer.get_vocab() if not CONTROL_PIECE.fullmatch(p)))
         tokenizer._jpsdxl_chars = cached
     return cached
 
@@ -353,8 +354,8 @@ def unknown_characters(tokenizer, texts: Sequence[str]) -> Counter:
     """Characters of the *normalised* texts that no piece of the vocabulary contains, with counts.
 
     A sentencepiece unigram model keeps every character it covers as a piece of its own, so it falls back (to
-    ``<unk>``, or to bytes) exactly on the characters that occur in no piece. This names the character as the tokenizer sees it: ``"cafe\\u0301"`` normalises to
-    ``"café"`` and the unknown character is ``é``, not ``e``.
+    ``<unk>``, or to bytes) exactly on the characters that occur in no text piece. This names the character as the
+    tokenizer sees it: ``"cafe\\u0301"`` normalises to ``"café"`` and the unknown character is ``é``, not ``e``.
     """
     known, found = _vocabulary_characters(tokenizer), Counter()
     normalizer = tokenizer.backend_tokenizer.normalizer

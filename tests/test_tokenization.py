@@ -113,6 +113,9 @@ def test_normalisation_and_odd_prompts(ja_tokenizers):
     unknown = T.unknown_characters(tok, ["猫😀が🐈いる", "😀"])
     assert unknown == {"😀": 2, "🐈": 1}
     assert T.unknown_characters(tok, ["猫 と 犬", " "]) == {}  # spaces are not characters a vocabulary lacks
+    # "<" and ">" occur only inside control pieces (<pad>, <unk>): that makes them no known text
+    spelled = tok.convert_ids_to_tokens(tok("猫<")["input_ids"])
+    assert ("<0x3C>" in spelled) == ("<" in T.unknown_characters(tok, ["猫<"]))
     # byte fallback: an emoji becomes its 4 UTF-8 bytes, no <unk>, and decodes back
     ids = tok("猫😀")["input_ids"]
     assert tok.unk_token_id not in ids and "<0xF0>" in tok.convert_ids_to_tokens(ids)
