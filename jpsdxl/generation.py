@@ -56,8 +56,7 @@ def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidan
     Returns the refiner's images (PIL by default) and the hand-off latents.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    # one generator per prompt, all from the same seed: prompt i's noise does not depend on the batch
-    make = lambda: [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts]  # noqa: E731
+    make = lambda: _generators(prompts, seed)  # noqa: E731
     latents = base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
                    guidance_scale=guidance_scale, denoising_end=high_noise_frac, height=height, width=width,
                    generator=make(), output_type="latent").images
@@ -67,9 +66,30 @@ def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidan
     return images, latents
 
 
-def generate(profile, base, refiner, prompt, **overrides):
-    """``two_stage`` with the profile's sizes, steps and guidance (keyword arguments override them)."""
+def _generators(prompts, seed: int):
+    # one generator per prompt, all from the same seed: prompt i's noise does not depend on the batch
+    return [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts]
+
+
+@torch.no_grad()
+def base_only(base, prompt, negative_prompt=None, *, steps: int, guidance_scale: float, height: int, width: int,
+              seed: int = 0, output_type: str = "pil"):
+    """The base alone over the whole schedule, decoded: set against ``two_stage`` it shows what the refiner adds."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
+                guidance_scale=guidance_scale, height=height, width=width, generator=_generators(prompts, seed),
+                output_type=output_type).images
+
+
+def generate(profile, base, refiner, prompt, refine: bool = True, **overrides):
+    """``two_stage`` with the profile's sizes, steps and guidance (keyword arguments override them).
+
+    ``refine=False``: ``base_only`` with the same settings; returns (images, None).
+    """
     g = profile.generate
     kw = dict(steps=g.steps, guidance_scale=g.guidance_scale, high_noise_frac=g.high_noise_frac, height=g.height,
-              width=g.width, seed=profile.seed)
-    return two_stage(base, refiner, prompt, **{**kw, **overrides})
+              width=g.width, seed=profile.seed) | overrides
+    if not refine:
+        kw.pop("high_noise_frac")
+        return base_only(base, prompt, **kw), None
+    return two_stage(base, refiner, prompt, **kw)

@@ -211,21 +211,11 @@ def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str
     ``refine=False`` runs the base alone over the whole schedule, to measure what the refiner changes. Seeds
     default to ones the training never used. Returns (scores, images ``[seeds, prompts, H, W, 3]`` uint8).
     """
-    import torch
-
     from .generation import generate
 
     images = []
     for seed in seeds:
-        if refine:
-            out, _ = generate(profile, base, refiner, prompts, seed=seed, output_type="np", **overrides)
-        else:
-            g = profile.generate
-            kw = dict(num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height, width=g.width)
-            kw.update({k.replace("steps", "num_inference_steps"): v for k, v in overrides.items()})
-            gens = [torch.Generator().manual_seed(seed) for _ in prompts]
-            with torch.no_grad():
-                out = base(prompt=prompts, generator=gens, output_type="np", **kw).images
+        out, _ = generate(profile, base, refiner, prompts, refine=refine, seed=seed, output_type="np", **overrides)
         images.append((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8))
     images = np.stack(images)
     return score(images.reshape(-1, *images.shape[2:]), list(targets) * len(seeds)), images

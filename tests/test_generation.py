@@ -63,3 +63,12 @@ def test_each_stage_runs_its_share_of_the_schedule(tiny, pipelines, monkeypatch,
     base_calls, refiner_calls = _count_calls(monkeypatch, base.unet), _count_calls(monkeypatch, refiner.unet)
     generation.generate(tiny, base, refiner, "a cat", steps=steps, high_noise_frac=frac, output_type="latent")
     assert (len(base_calls), len(refiner_calls)) == (base_steps, steps - base_steps)
+
+
+def test_base_alone_runs_every_step_and_no_refiner(tiny, pipelines, monkeypatch):
+    base, refiner = pipelines
+    base_calls, refiner_calls = _count_calls(monkeypatch, base.unet), _count_calls(monkeypatch, refiner.unet)
+    images, latents = generation.generate(tiny, base, refiner, ["a cat", "a dog"], refine=False, steps=6,
+                                          output_type="np")
+    assert (len(base_calls), len(refiner_calls)) == (6, 0) and latents is None
+    assert images.shape == (2, tiny.generate.height, tiny.generate.width, 3)
