@@ -1,7 +1,8 @@
 """``jpsdxl``: the command line. ``jpsdxl run --profile tiny`` executes the whole tutorial.
 
 Sub-commands: ``run`` (notebooks, in order, by papermill), ``prepare`` (fetch data, build the zoo and the
-tokenizer ahead of a run), ``train-shapes`` (rebuild the shapes world's shipped weights), ``env`` (versions and
+tokenizer ahead of a run), ``distill`` (stage 3 outside the notebook: resumable, and on several GPUs with
+``accelerate launch -m jpsdxl.cli distill``), ``train-shapes`` (rebuild the shapes world's shipped weights), ``env`` (versions and
 hardware), ``profiles`` (what each profile is for).
 """
 
@@ -22,6 +23,27 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-html", action="store_true", help="skip the HTML export")
     prep = sub.add_parser("prepare", help="fetch data, build the zoo and the Japanese tokenizer")
     prep.add_argument("--profile", default="tiny")
+    dist = sub.add_parser("distill", help="train the Japanese text encoders (stage 3); resumes from the newest "
+                                          "checkpoint in --out unless --fresh")
+    dist.add_argument("--profile", default="tiny")
+    dist.add_argument("--out", default=None, help="output folder (default: runs/<profile>/03_distillation)")
+    dist.add_argument("--steps", type=int, default=None, help="override distill.steps")
+    dist.add_argument("--init", default=None, help="override the starting rows (similarity, mean, random, ...)")
+    dist.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    gen = sub.add_parser("generate", help="draw images from Japanese prompts with the Japanese SDXL (base, then "
+                                          "refiner, as the SD-XL 1.0-jp card does)")
+    gen.add_argument("prompt", nargs="*", help="one or more prompts, e.g. かわいすぎる子猫")
+    gen.add_argument("--prompts-file", default=None, help="a UTF-8 text file, one prompt per line")
+    gen.add_argument("--out", default="out.png", help="image file; with several prompts, out-01.png, out-02.png, ...")
+    gen.add_argument("--model", default=None, help="a folder with base/ and refiner/ (notebook 04 or `assemble`); "
+                                                   "default: the profile's trained Japanese model")
+    gen.add_argument("--profile", default="tiny")
+    gen.add_argument("--negative", default=None, help="negative prompt (Japanese works)")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--size", type=int, default=None, help="height and width in pixels (multiple of 8)")
+    gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--high-noise-frac", type=float, default=None, help="hand-off point base -> refiner, in (0, 1)")
     train = sub.add_parser("train-shapes", help="retrain the shapes world (tiny VAE, base and refiner UNets) from "
                                                 "its recipe and seed, into jpsdxl/zoo_weights/shapes/")
     train.add_argument("--out", default=None, help="output folder (default: the shipped weights' folder)")
@@ -64,6 +86,34 @@ def _dispatch(args) -> int:
             print(f"{role}: {folder}")
         tok, _ = japanese_tokenizers(profile, None if splits.streamed else [ja for ja, _ in splits.train])
         print(f"Japanese tokenizer: {len(tok):,} pieces")
+    elif args.command == "distill":
+        from pathlib import Path
+
+        from accelerate import PartialState
+
+        from . import distillation as D
+        from .profiles import load_profile
+        from .runs import runs_dir
+
+        profile = load_profile(args.profile)
+        out = Path(args.out).resolve() if args.out else runs_dir(profile.name, "03_distillation")
+        mapping = out.parent / "02_embedding_init" / "mapping.pt"
+        setup = D.prepare(profile, mapping if mapping.exists() else runs_dir(profile.name, "02_embedding_init") / "mapping.pt")
+        overrides = {k: v for k, v in (("steps", args.steps), ("init", args.init)) if v}
+        try:
+            run = D.distil(setup, out, resume=not args.fresh, **overrides)
+        except D.NonFiniteLoss as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        state = PartialState()
+        if state.is_main_process:
+            D.save_students(run.students, out)
+            print(f"processes: {state.num_processes} ({state.distributed_type})")
+            print(run.bad_lines)
+            print(json.dumps(D.summary(run), indent=1))
+            print(f"wrote {out}/{{text_encoder,text_encoder_2,tokenizer,tokenizer_2}}")
+    elif args.command == "generate":
+        return _generate(args)
     elif args.command == "train-shapes":
         from pathlib import Path
 
@@ -87,6 +137,47 @@ def _dispatch(args) -> int:
 
         for row in profile_table():
             print(f"{row['profile']:12s} {row['device']:5s} {row['dtype']:9s} {row['what for']}")
+    return 0
+
+
+def _generate(args) -> int:
+    import warnings
+
+    from . import generation as G
+    from .profiles import load_profile
+    from .tokenization import encode_prompts
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += G.read_prompts(args.prompts_file)
+    if not prompts:
+        raise ValueError("no prompt given: jpsdxl generate \"かわいすぎる子猫\" --out kitten.png (or --prompts-file FILE)")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("an empty prompt: give some text (SDXL's unconditional image needs no tool)")
+    paths = G.output_paths(args.out, len(prompts))
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        raise ValueError(f"--size {args.size}: a multiple of 8 (the VAE halves the size three times)")
+    if args.high_noise_frac is not None and not 0 < args.high_noise_frac < 1:
+        raise ValueError(f"--high-noise-frac {args.high_noise_frac}: a fraction between 0 and 1, e.g. 0.8")
+    profile = load_profile(args.profile)
+    profile.check_device()
+    model = G.japanese_model(profile, args.model)
+    base, refiner = G.load_assembled(model, profile.torch_dtype(), profile.torch_device())
+    overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+                                       high_noise_frac=args.high_noise_frac).items() if v is not None}
+    if args.size:
+        overrides.update(height=args.size, width=args.size)
+    with warnings.catch_warnings(record=True) as caught:  # a prompt over 77 tokens: say once what was cut
+        warnings.simplefilter("always")
+        encode_prompts(base.tokenizer, prompts)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    images, _ = G.generate(profile, base, refiner, prompts, negative_prompt=args.negative and [args.negative] * len(prompts),
+                           **overrides)
+    for image, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(path)
     return 0
 
 

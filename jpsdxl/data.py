@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import random
 import re
 import sqlite3
 import subprocess
@@ -236,27 +237,37 @@ def _file_reader(path: Path):
 
 def iter_pairs_datasets(
     name: str, ja_field: str = "ja", en_field: str = "en", split: str = "train", streaming: bool = True,
-    report: BadLines | None = None, **load_kwargs,
+    report: BadLines | None = None, shard: tuple[int, int] | None = None, **load_kwargs,
 ) -> Iterator[Pair]:
     """Stream JA-EN pairs from a Hugging Face ``datasets`` source (a hub id or a local folder/file).
 
     Local .jsonl / .tsv files (alone, or the files of a folder) go through this module's own readers, which
     count bad lines with their line numbers; hub datasets through ``datasets``, where a record without both
     fields is counted as bad (record numbers from 1), and a file ``datasets`` cannot parse is a ``DataError``.
+
+    ``shard=(rank, world)``: only this process's share of the records, for multi-GPU training. Hub datasets go
+    through ``datasets.distributed.split_dataset_by_node`` (whole files per rank when their number divides evenly);
+    local files keep every ``world``-th pair.
     """
     report = report if report is not None else BadLines(f"datasets:{name}")
     local = Path(name).expanduser()
     files = sorted(p for p in local.rglob("*") if _file_reader(p)) if local.is_dir() else [local]
     if local.exists() and files and all(_file_reader(p) for p in files):
-        for path in files:
-            reader = _file_reader(path)
-            kw = dict(ja_field=ja_field, en_field=en_field) if reader is iter_pairs_jsonl else {}
-            yield from reader(path, report, **kw)
+        def pairs():
+            for path in files:
+                reader = _file_reader(path)
+                kw = dict(ja_field=ja_field, en_field=en_field) if reader is iter_pairs_jsonl else {}
+                yield from reader(path, report, **kw)
+        yield from islice(pairs(), shard[0], None, shard[1]) if shard else pairs()
         return
     import datasets
 
     try:
         ds = datasets.load_dataset(name, split=split, streaming=streaming, **load_kwargs)
+        if shard:
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(ds, rank=shard[0], world_size=shard[1])
         for i, row in enumerate(ds, start=1):
             report.read += 1
             # translation datasets (e.g. WMT) nest both sides under "translation"
@@ -346,14 +357,19 @@ class StreamedSplit:
     """One split of a streamed source, read lazily: each iteration re-opens the stream and keeps the pairs
     whose English side hashes to this split. Memory stays bounded whatever the corpus size."""
 
-    def __init__(self, open_stream, name: str, valid_fraction: float, test_fraction: float, seed: int):
+    def __init__(self, open_stream, name: str, valid_fraction: float, test_fraction: float, seed: int,
+                 shard: tuple[int, int] | None = None):
         self.open_stream, self.name = open_stream, name
-        self.fractions, self.seed = (valid_fraction, test_fraction), seed
+        self.fractions, self.seed, self.shard = (valid_fraction, test_fraction), seed, shard
 
     def __iter__(self) -> Iterator[Pair]:
-        for ja, en in self.open_stream():
+        for ja, en in self.open_stream(self.shard):
             if split_of(en, *self.fractions, self.seed) == self.name:
                 yield ja, en
+
+    def sharded(self, rank: int, world: int) -> "StreamedSplit":
+        """This split as process ``rank`` of ``world`` reads it: its own share of the source, no overlap."""
+        return StreamedSplit(self.open_stream, self.name, *self.fractions, self.seed, shard=(rank, world))
 
     def __repr__(self) -> str:
         return f"StreamedSplit({self.name!r})"
@@ -379,6 +395,17 @@ class Splits:
 def take(split, n: int) -> list[Pair]:
     """The first ``n`` pairs of a split, list or stream alike."""
     return list(split[:n]) if isinstance(split, list) else list(islice(split, n))
+
+
+def sample(split, n: int, seed: int = 0) -> list[Pair]:
+    """``n`` pairs drawn at random (seeded) from a list split; the first ``n`` of a streamed one.
+
+    Why not simply the first ``n``: a corpus file is ordered (Tatoeba by sentence id; its first sentences are half
+    again as long as a typical one), so a mean over its first lines is a biased mean.
+    """
+    if not isinstance(split, list):
+        return take(split, n)
+    return random.Random(seed).sample(split, min(n, len(split)))
 
 
 def split_of(en: str, valid_fraction: float, test_fraction: float, seed: int = 0) -> str:
@@ -411,8 +438,8 @@ def _source(profile):
         return lambda: capped(iter_pairs_tsv(path, report, TATOEBA["ja_col"], TATOEBA["en_col"], TATOEBA["ncols"],
                                              missing="-")), report
     if src.startswith("hf:"):
-        return lambda: capped(iter_pairs_datasets(src[3:], cfg.ja_field, cfg.en_field, streaming=cfg.streaming,
-                                                  report=report)), report
+        return lambda shard=None: capped(iter_pairs_datasets(src[3:], cfg.ja_field, cfg.en_field,
+                                                             streaming=cfg.streaming, report=report, shard=shard)), report
     reader = _file_reader(Path(src))
     if Path(src).expanduser().is_dir():
         _open_file(src)  # raises: a folder is not a data file, and says what to write instead
@@ -432,11 +459,11 @@ def load_pairs(profile) -> Splits:
     cfg = profile.data
     open_stream, report = _source(profile)
     if cfg.streaming and cfg.pairs.startswith("hf:"):
-        def fresh():  # each pass counts its own bad lines
+        def fresh(shard=None):  # each pass counts its own bad lines
             report.read = report.kept = 0
             report.reasons.clear()
             report.lines.clear()
-            return open_stream()
+            return open_stream(shard)
 
         streams = {name: StreamedSplit(fresh, name, cfg.valid_fraction, cfg.test_fraction, profile.seed)
                    for name in ("train", "valid", "test")}

@@ -80,3 +80,22 @@ def image_grid(images, titles=None, columns: int | None = None, scale: float = 1
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def training_curves(logs: dict[str, list[dict]], keys=("eval_loss", "eval_pool100_top1"), chance: float | None = None,
+                    titles=("held-out loss (lower is better)", "pool-100 top-1 (higher is better)")):
+    """One panel per logged metric, one line per run, over optimiser steps (stage 3's ``Run.log`` rows)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 3.4), squeeze=False)
+    for ax, key, title in zip(axes[0], keys, titles):
+        for name, log in logs.items():
+            rows = [r for r in log if r.get(key) not in (None, "")]
+            ax.plot([r["step"] for r in rows], [float(r[key]) for r in rows], marker="o", ms=3, label=name)
+        if chance is not None and "top1" in key:
+            ax.axhline(chance, color="crimson", ls="--", lw=1, label="chance")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

