@@ -143,6 +143,7 @@ def _dispatch(args) -> int:
 def _generate(args) -> int:
     import warnings
 
+    from . import assembly as A
     from . import generation as G
     from .profiles import load_profile
     from .tokenization import encode_prompts
@@ -161,8 +162,8 @@ def _generate(args) -> int:
         raise ValueError(f"--high-noise-frac {args.high_noise_frac}: a fraction between 0 and 1, e.g. 0.8")
     profile = load_profile(args.profile)
     profile.check_device()
-    model = G.japanese_model(profile, args.model)
-    base, refiner = G.load_assembled(model, profile.torch_dtype(), profile.torch_device())
+    model = A.japanese_model(profile, args.model)
+    base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device())
     overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                                        high_noise_frac=args.high_noise_frac).items() if v is not None}
     if args.size:

@@ -15,9 +15,10 @@ by a component every sentence shares (two unrelated English sentences score ~0.7
 cosines are taken after subtracting the teacher's mean output; and matched pairs are compared against mismatched
 ones, with retrieval among pools of 100 pairs (chance 1 %).
 
-Read top to bottom: 1. targets and loss, 2. held-out metrics, 3. students and teachers, 4. the training stream,
-5. checkpoints, 6. the trainer (on ``accelerate``: one process, several GPUs or nodes with ``accelerate launch``
-and no code change), 7. saving the students as diffusers components. It does not assemble pipelines (stage 4,
+Read top to bottom (the targets, loss and metrics themselves live in ``targets.py``, shared with stage 2):
+1. the held-out set, 2. students and teachers, 3. the training stream, 4. checkpoints, 5. the trainer (on
+``accelerate``: one process, several GPUs or nodes with ``accelerate launch`` and no code change), 6. saving the
+students as diffusers components. It does not assemble pipelines (stage 4,
 ``assembly.py``) or pick the starting rows (stage 2, ``embedding_init.py``).
 """
 
@@ -30,130 +31,21 @@ import re
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count, islice
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .runs import atomic_path, write_json
-
-TARGETS = ("h1", "h2", "pooled")  # te1 hidden_states[-2], te2 hidden_states[-2], te2 text_embeds
-
-
-# -----------------------------------------------------------------------------
-# 1. targets and loss
-
-
-@dataclass
-class Outputs:
-    """What one pair of encoders gives for a batch of sentences: the three targets."""
-
-    h1: torch.Tensor  # [n, 77, width_1]
-    h2: torch.Tensor  # [n, 77, width_2]
-    pooled: torch.Tensor  # [n, projection]
-
-    def __getitem__(self, idx) -> "Outputs":
-        return Outputs(self.h1[idx], self.h2[idx], self.pooled[idx])
-
-    def to(self, *args, **kwargs) -> "Outputs":
-        return Outputs(*(getattr(self, t).to(*args, **kwargs) for t in TARGETS))
-
-    @staticmethod
-    def cat(parts: list["Outputs"]) -> "Outputs":
-        return Outputs(*(torch.cat([getattr(p, t) for p in parts]) for t in TARGETS))
-
-
-def token_ids(tokenizer, sentences, max_length: int = 77) -> torch.Tensor:
-    """SDXL's way: every sentence padded (with the tokenizer's own pad) or truncated to exactly 77 ids."""
-    return tokenizer(list(sentences), padding="max_length", max_length=max_length, truncation=True,
-                     return_tensors="pt")["input_ids"]
-
-
-def forward(text_encoder, text_encoder_2, ids_1, ids_2) -> Outputs:
-    """The three targets for token ids, as diffusers' ``encode_prompt`` reads them."""
-    out_1 = text_encoder(ids_1.to(text_encoder.device), output_hidden_states=True)
-    out_2 = text_encoder_2(ids_2.to(text_encoder_2.device), output_hidden_states=True)
-    return Outputs(out_1.hidden_states[-2], out_2.hidden_states[-2], out_2.text_embeds)
-
-
-@torch.no_grad()
-def encode(text_encoder, text_encoder_2, tokenizer, tokenizer_2, sentences, batch_size: int = 256,
-           max_length: int = 77) -> Outputs:
-    """The three targets for ``sentences`` (float32, on the CPU), in batches."""
-    parts = []
-    for start in range(0, len(sentences), batch_size):
-        batch = list(sentences[start:start + batch_size])
-        out = forward(text_encoder, text_encoder_2, token_ids(tokenizer, batch, max_length),
-                      token_ids(tokenizer_2, batch, max_length))
-        parts.append(out.to("cpu", torch.float32))
-    return Outputs.cat(parts)
-
-
-def loss_terms(student: Outputs, teacher: Outputs, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Mean squared error per target, over every position and channel; with ``mask`` ([n, 77] bool), the hidden
-    states only at the positions it keeps."""
-    terms = {}
-    for t in TARGETS:
-        a, b = getattr(student, t).float(), getattr(teacher, t).float()
-        if mask is not None and t != "pooled":
-            terms[t] = ((a - b) ** 2).mean(-1)[mask].mean()
-        else:
-            terms[t] = F.mse_loss(a, b)
-    return terms
-
-
-def after_both_eos(student_ids: torch.Tensor, teacher_ids: torch.Tensor, student_eos: int, teacher_eos: int):
-    """``[n, 77]``: True at the positions at or after the later of the two EOS tokens, the only positions where,
-    under causal attention, both sides have read the whole sentence (an alternative to matching all 77)."""
-    first = lambda ids, eos: (ids == eos).int().argmax(1)  # noqa: E731  (first EOS; both tokenizers always add one)
-    start = torch.maximum(first(student_ids, student_eos), first(teacher_ids, teacher_eos))
-    return torch.arange(student_ids.shape[1])[None] >= start[:, None]
-
-
-def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """The training loss: the per-target MSEs, weighted (a missing weight counts 1, as in the card's reading)."""
-    return sum(weights.get(t, 1.0) * terms[t] for t in TARGETS)
+from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
+    TARGETS, Outputs, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms, pool_retrieval,
+    token_ids, weighted_loss)
 
 
 # -----------------------------------------------------------------------------
-# 2. held-out metrics
-
-
-def centred_cosines(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor, teacher_mean: torch.Tensor):
-    """``[n, n]`` cosine similarities of student(JA_i) and teacher(EN_j), both minus the teacher's mean output."""
-    a = F.normalize(student_pooled - teacher_mean, dim=-1)
-    b = F.normalize(teacher_pooled - teacher_mean, dim=-1)
-    return a @ b.T
-
-
-def pool_retrieval(similarity: torch.Tensor, pool: int = 100, pools: int = 50, seed: int = 0) -> float:
-    """Share of Japanese sentences whose own English translation is the most similar among ``pool`` candidates
-    (random pools of held-out pairs; chance = 1 / pool)."""
-    n = similarity.shape[0]
-    pool = min(pool, n)
-    g = torch.Generator().manual_seed(seed)
-    hits = total = 0
-    for _ in range(pools):
-        idx = torch.randperm(n, generator=g)[:pool]
-        sub = similarity[idx][:, idx]
-        hits += int((sub.argmax(dim=1) == torch.arange(pool)).sum())
-        total += pool
-    return hits / total
-
-
-def held_out_metrics(student: Outputs, teacher: Outputs, teacher_mean: torch.Tensor, pool: int = 100) -> dict:
-    """Loss per target, centred cosine matched vs mismatched, pool-``pool`` retrieval (with its chance)."""
-    terms = loss_terms(student, teacher)
-    sim = centred_cosines(student.pooled, teacher.pooled, teacher_mean)
-    n = sim.shape[0]
-    matched = float(sim.diagonal().mean())
-    mismatched = float((sim.sum() - sim.diagonal().sum()) / (n * n - n))
-    return {"loss": float(sum(terms.values())), **{f"mse_{t}": float(v) for t, v in terms.items()},
-            "centred_cos_matched": matched, "centred_cos_mismatched": mismatched,
-            f"pool{pool}_top1": pool_retrieval(sim, pool), "pool_chance": 1 / min(pool, n)}
+# 1. the held-out set
 
 
 @dataclass
@@ -179,7 +71,7 @@ class HeldOut:
 
 
 # -----------------------------------------------------------------------------
-# 3. students and teachers
+# 2. students and teachers
 
 
 class Students(torch.nn.Module):
@@ -284,7 +176,7 @@ def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "s
 
 
 # -----------------------------------------------------------------------------
-# 4. the training stream
+# 3. the training stream
 
 
 def training_pairs(splits, shapes_share: float = 0.0) -> tuple[list | object, list]:
@@ -335,7 +227,7 @@ def batches(stream, global_batch: int, rank: int, world: int, streamed: bool):
 
 
 # -----------------------------------------------------------------------------
-# 5. checkpoints
+# 4. checkpoints
 
 
 _CKPT = re.compile(r"step-(\d{7})")
@@ -353,7 +245,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 # -----------------------------------------------------------------------------
-# 6. the trainer
+# 5. the trainer
 
 
 @dataclass
@@ -688,7 +580,7 @@ def cost_rows(measured: list[dict], flops_per_pair: float, pairs: int = 41_376_8
 
 
 # -----------------------------------------------------------------------------
-# 7. the students as diffusers components
+# 6. the students as diffusers components
 
 
 def save_students(students: Students, folder: str | Path) -> Path:

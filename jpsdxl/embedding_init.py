@@ -356,7 +356,7 @@ def compare_inits(base, ja_tokenizers, mapping_1: Mapping, mapping_2: Mapping, h
     ``mapping_1`` / ``mapping_2`` map the vocabularies of ``tokenizer`` / ``tokenizer_2`` (the same pieces, so
     usually the same mapping).
     """
-    from .distillation import encode, held_out_metrics
+    from .targets import encode, held_out_metrics
 
     tok, tok_2 = ja_tokenizers
     te1, te2 = base.text_encoder, base.text_encoder_2

@@ -6,20 +6,12 @@ reads both text encoders (their penultimate hidden states concatenated, plus tex
 projection); the refiner reads text_encoder_2 only, so it shares that encoder (and tokenizer_2, and the VAE)
 with the base. Swapping in Japanese encoders and tokenizers is a keyword argument to ``load_pipelines``.
 
-``assemble`` writes the Japanese SDXL as two diffusers folders, ``base`` and ``refiner``, that plain
-``StableDiffusionXLPipeline.from_pretrained`` / ``StableDiffusionXLImg2ImgPipeline.from_pretrained`` load, the way
-the published cl-tohoku/stable-diffusion-xl-jp-{base,refiner}-1.0 folders load: the refiner carries the Japanese
-``text_encoder_2`` and ``tokenizer_2``. Unchanged components (UNets, VAE, scheduler) are links to the English
-pipeline's folders, and the refiner's text parts are links to the base's: nothing large is stored twice.
-
-This file does not train or build models (``zoo.py``, ``hub.py`` load them).
+This file does not train or build models (``zoo.py``, ``hub.py`` load them) and does not assemble the Japanese
+model's folders (``assembly.py``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -106,32 +98,6 @@ def generate(profile, base, refiner, prompt, refine: bool = True, **overrides):
     return two_stage(base, refiner, prompt, **kw)
 
 
-def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path, mapping_path=None) -> dict:
-    """The Japanese models stage 4 compares, as (base, refiner) pairs: copies with every row the mean English row
-    (untrained), copies with stage 2's similarity rows (init only; needs ``mapping_path``) and the distilled model
-    assembled in ``model_dir``. All use stage 3's saved tokenizers."""
-    from transformers import AutoTokenizer
-
-    from .distillation import load_teachers, make_students
-    from .embedding_init import load_mapping
-
-    students_dir = Path(students_dir)
-    tok, tok_2 = (AutoTokenizer.from_pretrained(students_dir / t) for t in ("tokenizer", "tokenizer_2"))
-    teachers = load_teachers(profile)
-    variants = {}
-    for name, strategy in (("untrained (mean rows)", "mean"), ("init only (similarity)", "similarity")):
-        mapping = None
-        if strategy == "similarity":
-            if mapping_path is None or not Path(mapping_path).exists():
-                continue  # notebook 02 has not run: nothing to measure
-            mapping, _ = load_mapping(mapping_path)
-        s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed)
-        variants[name] = load_pipelines(profile, text_encoder=s.text_encoder.eval(), text_encoder_2=s.text_encoder_2.eval(),
-                                        tokenizer=tok, tokenizer_2=tok_2)
-    variants["distilled"] = load_assembled(model_dir, profile.torch_dtype(), profile.torch_device())
-    return variants
-
-
 def memory_by_option(profile, base, refiner, prompt: str) -> list[dict]:
     """Peak GPU memory of one two-stage image under each memory option (on a CUDA device; else an empty list,
     with a note). Options are applied cumulatively: plain, + VAE tiling and slicing, + model CPU offload."""
@@ -204,88 +170,7 @@ def agreement(japanese: torch.Tensor, english: torch.Tensor) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# a Japanese SDXL as two diffusers folders
-
-TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-
-
-def _link(src: Path, dest: Path, final_parent: Path, copy: bool) -> None:
-    """``dest`` (inside a temporary folder that becomes ``final_parent``) as a copy of ``src`` or a link to it; links
-    are relative to where the folder ends up, so a folder moved together with its source keeps working."""
-    if copy:
-        shutil.copytree(src, dest, symlinks=False) if src.is_dir() else shutil.copy2(src, dest)
-    else:
-        os.symlink(os.path.relpath(src.resolve(), final_parent.resolve()), dest)
-
-
-def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = False) -> dict[str, Path]:
-    """``out/base`` and ``out/refiner``: the profile's English pipelines with the Japanese encoders and tokenizers of
-    ``students_dir`` (stage 3's ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2`` folders).
-
-    ``copy=False`` links the unchanged parts (a folder to share or upload: ``copy=True``, which copies them).
-    """
-    from .runs import atomic_path
-
-    students_dir = Path(students_dir)
-    missing = [p for p in TEXT_PARTS if not (students_dir / p).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{students_dir} lacks {', '.join(missing)}: run notebook 03 or `jpsdxl distill` "
-                                f"(they write these four folders) first.")
-    folders = resolve_profile(profile)
-    english = {"base": Path(folders["SDXL base"]), "refiner": Path(folders["SDXL refiner"])}
-    out = Path(out).resolve()
-    result = {}
-    for role in ("base", "refiner"):
-        with atomic_path(out / role) as tmp:
-            tmp.mkdir()
-            index = json.loads((english[role] / "model_index.json").read_text())
-            for name in ("tokenizer", "tokenizer_2"):  # the class diffusers instantiates: not CLIP's BPE any more
-                if index.get(name, [None])[0] is not None:
-                    index[name] = ["transformers", "PreTrainedTokenizerFast"]
-            for name in index:
-                if name.startswith("_") or not (english[role] / name).exists():
-                    continue
-                if name in TEXT_PARTS:  # the Japanese parts: the base's are the students', the refiner's the base's
-                    src = students_dir / name if role == "base" else out / "base" / name
-                    _link(src, tmp / name, out / role, copy=copy or role == "base")
-                else:
-                    _link(english[role] / name, tmp / name, out / role, copy=copy)
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        result[role] = out / role
-    return result
-
-
-def describe_assembled(folder: str | Path) -> list[dict]:
-    """One row per component of an assembled model: where each of base's and refiner's parts really lives."""
-    from .hub import folder_size
-
-    folder = Path(folder).resolve()
-    rows = []
-    for role in ("base", "refiner"):
-        for part in sorted(p for p in (folder / role).iterdir() if p.is_dir()):
-            target = part.resolve()
-            inside = target.is_relative_to(folder)
-            rows.append({"folder": role, "component": part.name,
-                         "stored": "here" if not part.is_symlink() else
-                         f"link to {target.relative_to(folder)}" if inside else "link to the English model",
-                         "MB": round(folder_size(target) / 1e6, 1)})
-    return rows
-
-
-def load_assembled(folder: str | Path, dtype=torch.float32, device="cpu", variant: str | None = None):
-    """(base, refiner) from an ``assemble`` folder or the two folders of a hub id pair: plain diffusers."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
-    folder = Path(folder)
-    with quiet_hf_progress():
-        base = StableDiffusionXLPipeline.from_pretrained(str(folder / "base"), dtype=dtype, variant=variant)
-        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-            str(folder / "refiner"), dtype=dtype, variant=variant, text_encoder_2=base.text_encoder_2,
-            tokenizer_2=base.tokenizer_2, vae=base.vae)
-    for pipe in (base, refiner):
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-    return base, refiner
+# the command line's input and output
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -312,34 +197,3 @@ def output_paths(out: str | Path, n: int) -> list[Path]:
         return [out]
     width = max(2, len(str(n)))
     return [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(1, n + 1)]
-
-
-def japanese_model(profile, model: str | Path | None = None) -> Path:
-    """The folder ``jpsdxl generate`` draws with: ``model`` if given (it must hold base/ and refiner/), else the
-    profile's assembled model under runs/, assembled from stage 3's students if needed, and on a fresh checkout
-    those students trained first (``jpsdxl distill``: about 2 minutes on ``tiny``)."""
-    import sys
-
-    from .runs import runs_dir
-
-    if model is not None:
-        folder = Path(model)
-        if not ((folder / "base").is_dir() and (folder / "refiner").is_dir()):
-            raise FileNotFoundError(f"--model {model}: not a folder holding base/ and refiner/ (notebook 04 writes "
-                                    f"runs/<profile>/04_generation/model; generation.assemble makes one)")
-        return folder
-    out = runs_dir(profile.name, "04_generation") / "model"
-    if (out / "base").is_dir() and (out / "refiner").is_dir():
-        return out
-    students = runs_dir(profile.name, "03_distillation")
-    if not all((students / p).is_dir() for p in TEXT_PARTS):
-        from .distillation import distil, prepare, save_students
-
-        print(f"No trained Japanese encoders for profile {profile.name!r} yet: training them now (stage 3, as "
-              f"`jpsdxl distill` does) into {students}", file=sys.stderr)
-        setup = prepare(profile, runs_dir(profile.name, "02_embedding_init") / "mapping.pt")
-        wanted = profile.distill.init or profile.init.strategy
-        init = wanted if setup.mapping is not None or wanted in ("mean", "random") else "mean"
-        save_students(distil(setup, students, init=init).students, students)
-    assemble(profile, students, out)
-    return out

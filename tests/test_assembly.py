@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from jpsdxl import distillation as D
-from jpsdxl import generation as G
+from jpsdxl import assembly as A
 from jpsdxl.cli import main
 
 
@@ -21,7 +21,7 @@ def model(tiny, ja_tokenizers, tmp_path_factory):
     teachers = D.load_teachers(tiny)
     students = D.make_students(teachers, *ja_tokenizers, "mean")
     D.save_students(students, root / "students")
-    G.assemble(tiny, root / "students", root / "model")
+    A.assemble(tiny, root / "students", root / "model")
     return root / "model"
 
 
