@@ -3,13 +3,7 @@
 # time a two-stage 1024x1024 generation in fp16. Needs no download. Run from the repository root on a GPU
 # machine; wheels for packages the machine lacks may be placed in .whl/ (diffusers, open_clip_torch, ...).
 set -euo pipefail
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" JPSDXL_CACHE="${JPSDXL_CACHE:-/tmp/jpsdxl-cache}" HF_HUB_OFFLINE=1
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| diffusers', diffusers.__version__)"
 start=$(date +%s)
 python3 -c "from jpsdxl.hub import resolve; print(resolve('zoo:sdxl/base'))"

@@ -9,13 +9,7 @@
 # $JPSDXL_CACHE/data first (e.g. carry it in the repository folder). Results are appended to
 # benchmarks/results/distillation_speed.json, which notebook 03's cost table reads.
 set -euo pipefail
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" JPSDXL_CACHE="${JPSDXL_CACHE:-/tmp/jpsdxl-cache}" HF_HUB_OFFLINE=1
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"
 python3 benchmarks/distillation_speed.py --profile full-random --steps 10 --set init='"mean"'
 python3 benchmarks/distillation_speed.py --profile full-random --steps 5 --cap-gib 15 \
   --set mixed_precision='"fp16"' gradient_checkpointing=true optimizer='"adamw8bit"' batch_size=16 init='"mean"'
