@@ -155,7 +155,7 @@ def japanese_model(profile, model: str | Path | None = None) -> Path:
 
         print(f"No trained Japanese encoders for profile {profile.name!r} yet: training them now (stage 3, as "
               f"`jpsdxl distill` does) into {students}", file=sys.stderr)
-        setup = prepare(profile, runs_dir(profile.name, "02_embedding_init") / "mapping.pt")
+        setup = prepare(profile, runs_dir(profile.name, "02_embedding_init", create=False) / "mapping.pt")
         wanted = profile.distill.init or profile.init.strategy
         init = wanted if setup.mapping is not None or wanted in ("mean", "random") else "mean"
         save_students(distil(setup, students, init=init).students, students)

@@ -98,7 +98,7 @@ def _dispatch(args) -> int:
         profile = load_profile(args.profile)
         out = Path(args.out).resolve() if args.out else runs_dir(profile.name, "03_distillation")
         mapping = out.parent / "02_embedding_init" / "mapping.pt"
-        setup = D.prepare(profile, mapping if mapping.exists() else runs_dir(profile.name, "02_embedding_init") / "mapping.pt")
+        setup = D.prepare(profile, mapping if mapping.exists() else runs_dir(profile.name, "02_embedding_init", create=False) / "mapping.pt")
         overrides = {k: v for k, v in (("steps", args.steps), ("init", args.init)) if v}
         try:
             run = D.distil(setup, out, resume=not args.fresh, **overrides)

@@ -31,11 +31,13 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None = None) -> Path:
-    """``runs/<profile>[/<notebook>]``; ``root`` (or ``$JPSDXL_RUNS``) overrides ``<repo>/runs``."""
+def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None = None, create: bool = True) -> Path:
+    """``runs/<profile>[/<notebook>]``; ``root`` (or ``$JPSDXL_RUNS``) overrides ``<repo>/runs``. ``create=False``
+    only names it (for a file that may or may not be there, such as stage 2's mapping)."""
     base = Path(root or os.environ.get("JPSDXL_RUNS") or REPO_ROOT / "runs")
     path = base / profile / notebook if notebook else base / profile
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
