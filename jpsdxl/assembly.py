@@ -23,7 +23,6 @@ from .generation import load_pipelines
 from .hub import resolve_profile
 from .runs import quiet_hf_progress
 
-
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
@@ -158,6 +157,9 @@ def japanese_model(profile, model: str | Path | None = None) -> Path:
         setup = prepare(profile, runs_dir(profile.name, "02_embedding_init", create=False) / "mapping.pt")
         wanted = profile.distill.init or profile.init.strategy
         init = wanted if setup.mapping is not None or wanted in ("mean", "random") else "mean"
+        if init != wanted:
+            print(f"(no stage-2 mapping yet, so the rows start from the mean English row instead of {wanted!r}; "
+                  f"run notebook 02 first for the profile's own start)", file=sys.stderr)
         save_students(distil(setup, students, init=init).students, students)
     assemble(profile, students, out)
     return out
