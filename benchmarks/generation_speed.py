@@ -31,27 +31,19 @@ def main():
     base, refiner = generation.load_pipelines(profile)
     load = time.perf_counter() - start
     cuda = profile.torch_device().type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    kw = dict(num_inference_steps=steps, guidance_scale=g.guidance_scale, height=g.height, width=g.width)
     generation.generate(profile, base, refiner, "warm-up", steps=steps)  # first call pays for kernels and caches
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     prompts = ["a photo of a very cute kitten"] * args.images
-    sync()
-    t0 = time.perf_counter()
-    latents = base(prompt=prompts, denoising_end=g.high_noise_frac, output_type="latent", **kw).images
-    sync()
-    t1 = time.perf_counter()
-    refiner(prompt=prompts, image=latents, denoising_start=g.high_noise_frac, **kw)
-    sync()
-    t2 = time.perf_counter()
+    t = generation.stage_seconds(profile, base, refiner, prompts, num_inference_steps=steps)
+    base_s, refiner_s = t["base_seconds"], t["refiner_seconds"]
     peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     print(f"profile {profile.name} on {device}, {profile.dtype}, {g.width}x{g.height}, {steps} steps, "
           f"hand-off at {g.high_noise_frac}, batch {args.images}")
-    print(f"load {load:.1f} s | base {t1 - t0:.2f} s | refiner {t2 - t1:.2f} s | refiner/base {(t2 - t1) / (t1 - t0):.2f}"
-          f" | {(t2 - t0) / args.images:.3f} s/image | peak {'GPU' if cuda else 'RSS'} memory {peak:.2f} GiB")
+    print(f"load {load:.1f} s | base {base_s:.2f} s | refiner {refiner_s:.2f} s | refiner/base {refiner_s / base_s:.2f}"
+          f" | {(base_s + refiner_s) / args.images:.3f} s/image | peak {'GPU' if cuda else 'RSS'} memory {peak:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -186,15 +187,13 @@ def test_processes_split_each_global_batch_without_overlap():
 def test_pair_stream_is_seeded_resumable_and_mixes_in_shapes():
     corpus = [(f"ja{i}", f"en{i}") for i in range(1000)]
     shapes = [("赤い丸", "a red circle")]
-    full = list(D.pair_stream(corpus, shapes, 0.2, seed=1, start=0).__iter__().__next__() for _ in range(0))
-    first = list(__import__("itertools").islice(D.pair_stream(corpus, shapes, 0.2, seed=1), 3000))
-    assert list(__import__("itertools").islice(D.pair_stream(corpus, shapes, 0.2, seed=1, start=1234), 100)) == \
-        first[1234:1334]
+    first = list(islice(D.pair_stream(corpus, shapes, 0.2, seed=1), 3000))
+    assert list(islice(D.pair_stream(corpus, shapes, 0.2, seed=1, start=1234), 100)) == first[1234:1334]
     share = sum(p == shapes[0] for p in first) / len(first)
     assert 0.17 < share < 0.23
-    other = list(__import__("itertools").islice(D.pair_stream(corpus, shapes, 0.2, seed=2), 3000))
+    other = list(islice(D.pair_stream(corpus, shapes, 0.2, seed=2), 3000))
     assert other != first
-    assert set(p for p in first[:1500] if p != shapes[0]) <= set(corpus) and not full
+    assert set(p for p in first[:1500] if p != shapes[0]) <= set(corpus)
 
 
 def test_non_causal_student_reads_the_future_and_causal_does_not(setup):
