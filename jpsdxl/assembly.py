@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -89,15 +90,27 @@ def describe_assembled(folder: str | Path) -> list[dict]:
     return rows
 
 
-def load_assembled(folder: str | Path, dtype=torch.float32, device="cpu", variant: str | None = None):
-    """(base, refiner) from an ``assemble`` folder or the two folders of a hub id pair: plain diffusers."""
+class JapaneseModel(NamedTuple):
+    """Where a Japanese SDXL's two pipelines are, and the weights variant to load them in (hub downloads only)."""
+
+    base: Path
+    refiner: Path
+    variant: str | None = None
+
+
+def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None):
+    """(base, refiner) from an ``assemble`` folder, or from a ``JapaneseModel`` (``japanese_model``): plain
+    diffusers."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    folder = Path(folder)
+    if isinstance(folder, JapaneseModel):
+        base_dir, refiner_dir, variant = folder.base, folder.refiner, folder.variant or variant
+    else:
+        base_dir, refiner_dir = Path(folder) / "base", Path(folder) / "refiner"
     with quiet_hf_progress():
-        base = StableDiffusionXLPipeline.from_pretrained(str(folder / "base"), dtype=dtype, variant=variant)
+        base = StableDiffusionXLPipeline.from_pretrained(str(base_dir), dtype=dtype, variant=variant)
         refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-            str(folder / "refiner"), dtype=dtype, variant=variant, text_encoder_2=base.text_encoder_2,
+            str(refiner_dir), dtype=dtype, variant=variant, text_encoder_2=base.text_encoder_2,
             tokenizer_2=base.tokenizer_2, vae=base.vae)
     for pipe in (base, refiner):
         pipe.to(device)
@@ -131,23 +144,41 @@ def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path, 
     return variants
 
 
-def japanese_model(profile, model: str | Path | None = None) -> Path:
-    """The folder ``jpsdxl generate`` draws with: ``model`` if given (it must hold base/ and refiner/), else the
-    profile's assembled model under runs/, assembled from stage 3's students if needed, and on a fresh checkout
-    those students trained first (``jpsdxl distill``: about 2 minutes on ``tiny``)."""
+def refiner_id(base_id: str) -> str:
+    """The refiner's hub id beside a base's, by the naming the published pairs use
+    (``cl-tohoku/stable-diffusion-xl-jp-base-1.0`` -> ``...-jp-refiner-1.0``)."""
+    owner, _, name = base_id.partition("/")
+    if name.count("-base") != 1:
+        raise ValueError(f"--model {base_id}: cannot tell its refiner's hub id; give both: --model BASE_ID,REFINER_ID")
+    return f"{owner}/{name.replace('-base', '-refiner')}"
+
+
+def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
+    """The base and refiner folders ``jpsdxl generate`` draws with. ``model``: a folder holding base/ and refiner/,
+    or hub ids (``BASE_ID`` with the refiner found by name, or ``BASE_ID,REFINER_ID``; fetched once, in the
+    profile's weights variant). Default: the profile's assembled model under runs/, assembled from stage 3's
+    students if needed, and on a fresh checkout those students trained first (``jpsdxl distill``)."""
     import sys
 
+    from .hub import resolve_all
     from .runs import runs_dir
 
     if model is not None:
-        folder = Path(model)
-        if not ((folder / "base").is_dir() and (folder / "refiner").is_dir()):
+        folder = Path(model).expanduser()
+        if (folder / "base").is_dir() and (folder / "refiner").is_dir():
+            return JapaneseModel(folder / "base", folder / "refiner")
+        if folder.exists() or str(model).count("/") != str(model).count(",") + 1:
             raise FileNotFoundError(f"--model {model}: not a folder holding base/ and refiner/ (notebook 04 writes "
-                                    f"runs/<profile>/04_generation/model; assembly.assemble makes one)")
-        return folder
+                                    f"runs/<profile>/04_generation/model; assembly.assemble makes one), nor hub ids "
+                                    f"(owner/name, or base,refiner)")
+        base_id, _, refiner = str(model).partition(",")
+        variant = profile.models.variant
+        found = resolve_all({"Japanese SDXL base": (base_id, "pipeline", variant),
+                             "Japanese SDXL refiner": (refiner or refiner_id(base_id), "pipeline", variant)})
+        return JapaneseModel(found["Japanese SDXL base"], found["Japanese SDXL refiner"], variant)
     out = runs_dir(profile.name, "04_generation") / "model"
     if (out / "base").is_dir() and (out / "refiner").is_dir():
-        return out
+        return JapaneseModel(out / "base", out / "refiner")
     students = runs_dir(profile.name, "03_distillation")
     if not all((students / p).is_dir() for p in TEXT_PARTS):
         from .distillation import distil, prepare, save_students
@@ -162,4 +193,4 @@ def japanese_model(profile, model: str | Path | None = None) -> Path:
                   f"run notebook 02 first for the profile's own start)", file=sys.stderr)
         save_students(distil(setup, students, init=init).students, students)
     assemble(profile, students, out)
-    return out
+    return JapaneseModel(out / "base", out / "refiner")

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("prompt", nargs="*", help="one or more prompts, e.g. かわいすぎる子猫")
     gen.add_argument("--prompts-file", default=None, help="a UTF-8 text file, one prompt per line")
     gen.add_argument("--out", default="out.png", help="image file; with several prompts, out-01.png, out-02.png, ...")
-    gen.add_argument("--model", default=None, help="a folder with base/ and refiner/ (notebook 04 or `assemble`); "
+    gen.add_argument("--model", default=None, help="a folder with base/ and refiner/ (notebook 04 or `assemble`), or "
+                                                   "hub ids: BASE_ID (refiner found by name) or BASE_ID,REFINER_ID; "
                                                    "default: the profile's trained Japanese model")
     gen.add_argument("--profile", default="tiny")
     gen.add_argument("--negative", default=None, help="negative prompt (Japanese works)")

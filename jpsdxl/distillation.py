@@ -41,7 +41,7 @@ import torch
 from .runs import atomic_path, write_json
 from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
     TARGETS, Outputs, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms, pool_retrieval,
-    token_ids, weighted_loss)
+    positions_needed, token_ids, weighted_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -407,10 +407,12 @@ def train(teachers: Teachers, students: Students, splits, held_out: HeldOut, cfg
             target = teachers.targets(en, device)
             sync = nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
             ids = token_ids(students.tokenizer, ja), token_ids(students.tokenizer_2, ja)
-            mask = None
-            if cfg.positions == "after_eos":
-                mask = after_both_eos(ids[0], token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id,
-                                      teachers.tokenizer.eos_token_id).to(device)
+            eos = (ids[0], token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id,
+                   teachers.tokenizer.eos_token_id)
+            if cfg.pad_positions is not None and cfg.causal:  # a non-causal student's every output reads all 77
+                n = positions_needed(*eos, cfg.pad_positions)
+                ids, target = (ids[0][:, :n], ids[1][:, :n]), target.first(n)
+            mask = after_both_eos(*eos)[:, :ids[0].shape[1]].to(device) if cfg.positions == "after_eos" else None
             with sync, accelerator.autocast():
                 h1, h2, pooled = model(*ids)
                 terms = loss_terms(Outputs(h1, h2, pooled), target, mask)
@@ -513,10 +515,13 @@ def summary(run: Run) -> dict:
 
 
 def compare(setup: Setup, variants: dict[str, dict], steps: int, progress: bool = True) -> dict[str, Run]:
-    """One run per variant (its keyword overrides), all with the same budget, seed and data order."""
+    """One run per variant (its keyword overrides), all with the same budget, seed and data order. The warm-up is
+    scaled to the budget (the same share of it as in the profile's run), so a short run is not mostly warm-up."""
     from tqdm.auto import tqdm
 
-    return {name: distil(setup, progress=False, steps=steps, **overrides)
+    cfg = setup.profile.distill
+    common = {"steps": steps, "warmup_steps": round(cfg.warmup_steps * steps / cfg.steps)}
+    return {name: distil(setup, progress=False, **(common | overrides))
             for name, overrides in tqdm(variants.items(), desc="runs", disable=not progress)}
 
 

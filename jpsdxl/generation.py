@@ -169,6 +169,72 @@ def agreement(japanese: torch.Tensor, english: torch.Tensor) -> dict:
             "nearest_rate": hits / (n * seeds), "chance": 1 / n, "pairs": n, "seeds": seeds}
 
 
+def clip_score(images, prompts, model: str = "ViT-L-14/openai", device: str | torch.device = "cpu") -> torch.Tensor:
+    """``[n]``: the CLIP score of each image with its prompt, torchmetrics' definition (100 x the cosine of the image
+    and text embeddings, floored at 0), with an open_clip model named ``"<architecture>/<pretrained tag>"``
+    (fetched from the hub on first use; a bare architecture name gives random weights, for tests only)."""
+    import numpy as np
+    import open_clip
+    from PIL import Image
+
+    name, _, pretrained = model.partition("/")
+    net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
+    with torch.no_grad():
+        image = net.encode_image(torch.stack([preprocess(im) for im in pil]).to(device))
+        text = net.encode_text(tokenizer(list(prompts)).to(device))
+    cos = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
+    return (100 * cos).clamp(min=0).cpu()
+
+
+def clip_scores(profile, images_by_model: dict, prompts) -> dict:
+    """Mean CLIP score per model of images ``[seeds, prompts, H, W, 3]`` (uint8) against ``prompts`` (the English
+    ones: CLIP reads English), with ``generate.clip_model``; profiles without one (``tiny``) get an empty dict."""
+    model = profile.generate.clip_model
+    if not model:
+        print(f"profile {profile.name!r} sets no generate.clip_model: no CLIP score (full uses ViT-L-14/openai).")
+        return {}
+    device = profile.torch_device()
+    return {name: float(clip_score(images.reshape(-1, *images.shape[2:]), list(prompts) * images.shape[0], model,
+                                   device).mean())
+            for name, images in images_by_model.items()}
+
+
+# -----------------------------------------------------------------------------
+# speed: the card's example settings against the fastest that keep the same steps, size and scheduler
+
+# diffusers' speed-up guide ("Accelerate inference of text-to-image diffusion models"), in its order; each applies
+# on top of the ones before it
+SPEEDUPS = ("fp16 throughout", "channels last", "fused QKV projections", "torch.compile")
+
+
+def card_settings(base, refiner):
+    """The card's example code as written: the base in fp16, the refiner in bf16, generation under bf16 autocast.
+    Applied in place; returns the autocast context to generate in. (Here base and refiner share text_encoder_2
+    and the VAE, in fp16; the card loads the refiner with its own. Both UNets do the work that matters.)"""
+    refiner.unet.to(torch.bfloat16)
+    return torch.autocast(base.device.type, dtype=torch.bfloat16)
+
+
+def apply_speedup(base, refiner, name: str, dtype=torch.float16) -> None:
+    """One step of ``SPEEDUPS``, applied to both pipelines in place. None changes the steps, the size or the
+    scheduler; ``torch.compile`` pays its compilation on the first call after it."""
+    if name == "fp16 throughout":  # undoes card_settings: one half-precision dtype, no autocast
+        refiner.unet.to(dtype)
+    elif name == "channels last":  # NHWC: the layout the GPU's convolution kernels prefer
+        for module in (base.unet, refiner.unet, base.vae):
+            module.to(memory_format=torch.channels_last)
+    elif name == "fused QKV projections":  # one matmul for query, key and value in every attention block
+        base.fuse_qkv_projections()
+        refiner.fuse_qkv_projections(vae=False)  # the shared VAE is fused once
+    elif name == "torch.compile":
+        for pipe in (base, refiner):
+            pipe.unet.compile(fullgraph=True)
+    else:
+        raise ValueError(f"unknown speed-up {name!r}; the speed-ups are {', '.join(SPEEDUPS)}")
+
+
 # -----------------------------------------------------------------------------
 # the command line's input and output
 

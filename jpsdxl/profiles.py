@@ -93,6 +93,8 @@ class DistillConfig:
     init: str | None = None  # starting rows: a stage-2 strategy (None: the profile's [init] strategy)
     loss_weights: dict[str, float] = field(default_factory=lambda: {"h1": 1.0, "h2": 1.0, "pooled": 1.0})
     positions: str = "all"  # hidden states matched at "all" 77 positions, or only "after_eos" (of both sides)
+    pad_positions: int | None = None  # None: compute all 77 positions; n: only through the batch's last EOS + n
+    #                                   padding positions (causal students: the same outputs there, less compute)
     causal: bool = True  # False: a non-causal student (eager attention, every position sees every token)
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's autocast; weights stay float32)
     gradient_checkpointing: bool = False
@@ -113,6 +115,7 @@ class GenerateConfig:
     steps: int = 40
     guidance_scale: float = 7.5
     high_noise_frac: float = 0.8  # base denoises [0, 0.8), the refiner [0.8, 1]
+    clip_model: str | None = None  # CLIP score of stage 4's images: an open_clip "<architecture>/<pretrained tag>"
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,8 @@ def _check_values(p: Profile, path: Path) -> None:
             bad(key, value, f"use one of {', '.join(map(str, allowed))}")
     if set(d.loss_weights) - {"h1", "h2", "pooled"} or any(w < 0 for w in d.loss_weights.values()):
         bad("distill.loss_weights", d.loss_weights, "a table of h1, h2, pooled = weights >= 0")
+    if d.pad_positions is not None and d.pad_positions < 0:
+        bad("distill.pad_positions", d.pad_positions, "a number of padding positions >= 0 (leave it out for all 77)")
     if not 0 <= d.shapes_share < 1:
         bad("distill.shapes_share", d.shapes_share, "a share in [0, 1)")
     if d.lr <= 0 or (d.embedding_lr is not None and d.embedding_lr <= 0):

@@ -35,6 +35,10 @@ class Outputs:
     def __getitem__(self, idx) -> "Outputs":
         return Outputs(self.h1[idx], self.h2[idx], self.pooled[idx])
 
+    def first(self, n: int) -> "Outputs":
+        """The first ``n`` positions of the hidden states (the pooled vector is kept as it is)."""
+        return Outputs(self.h1[:, :n], self.h2[:, :n], self.pooled)
+
     def to(self, *args, **kwargs) -> "Outputs":
         return Outputs(*(getattr(self, t).to(*args, **kwargs) for t in TARGETS))
 
@@ -82,12 +86,26 @@ def loss_terms(student: Outputs, teacher: Outputs, mask: torch.Tensor | None = N
     return terms
 
 
+def later_eos(student_ids: torch.Tensor, teacher_ids: torch.Tensor, student_eos: int, teacher_eos: int):
+    """``[n]``: for each pair, the position of the later of the two sentences' (first) EOS tokens."""
+    first = lambda ids, eos: (ids == eos).int().argmax(1)  # noqa: E731  (both tokenizers always add one)
+    return torch.maximum(first(student_ids, student_eos), first(teacher_ids, teacher_eos))
+
+
 def after_both_eos(student_ids: torch.Tensor, teacher_ids: torch.Tensor, student_eos: int, teacher_eos: int):
     """``[n, 77]``: True at the positions at or after the later of the two EOS tokens, the only positions where,
     under causal attention, both sides have read the whole sentence (an alternative to matching all 77)."""
-    first = lambda ids, eos: (ids == eos).int().argmax(1)  # noqa: E731  (first EOS; both tokenizers always add one)
-    start = torch.maximum(first(student_ids, student_eos), first(teacher_ids, teacher_eos))
+    start = later_eos(student_ids, teacher_ids, student_eos, teacher_eos)
     return torch.arange(student_ids.shape[1])[None] >= start[:, None]
+
+
+def positions_needed(student_ids: torch.Tensor, teacher_ids: torch.Tensor, student_eos: int, teacher_eos: int,
+                     pad_positions: int) -> int:
+    """How many leading positions a batch needs for the loss: through the latest EOS in the batch (either side) and
+    ``pad_positions`` padding positions after it. Under causal attention output i reads positions 0..i only, so the
+    first L outputs of an L-position forward are those of the 77-position one: a causal student can skip the rest."""
+    return min(student_ids.shape[1], int(later_eos(student_ids, teacher_ids, student_eos, teacher_eos).max()) + 1
+               + pad_positions)
 
 
 def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

@@ -84,6 +84,7 @@ def test_generate_warns_about_a_long_prompt(model, tmp_path, capsys):
     (["generate", "猫", "--size", "30"], "multiple of 8"),
     (["generate", "猫", "--high-noise-frac", "1.5"], "between 0 and 1"),
     (["generate", "猫", "--model", "{tmp}"], "not a folder holding base/ and refiner/"),
+    (["generate", "猫", "--model", "someone/sdxl-jp"], "give both: --model BASE_ID,REFINER_ID"),
 ])
 def test_generate_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
@@ -92,3 +93,31 @@ def test_generate_bad_input_is_one_line_and_exit_2(args, message, tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_generate_from_hub_ids_offline_names_both_models_without_a_traceback(capsys):
+    assert main(["generate", "猫", "--model", "someone/sdxl-jp-base-1.0"]) == 2
+    err = capsys.readouterr().err  # the missing-model message: each model on its line, then what to do
+    assert "'someone/sdxl-jp-base-1.0' is not available" in err and "'someone/sdxl-jp-refiner-1.0'" in err
+    assert "Traceback" not in err
+
+
+def test_hub_ids_name_the_refiner_beside_the_base():
+    assert A.refiner_id("cl-tohoku/stable-diffusion-xl-jp-base-1.0") == "cl-tohoku/stable-diffusion-xl-jp-refiner-1.0"
+    with pytest.raises(ValueError, match="give both"):
+        A.refiner_id("someone/sdxl-jp")
+
+
+def test_hub_ids_resolve_base_and_refiner_through_the_hub_cache(tiny, monkeypatch, tmp_path):
+    """``--model BASE,REFINER`` goes through hub.resolve (the path a real hub id takes); here both ids are answered
+    from folders, as the hub cache would answer them offline."""
+    from jpsdxl import hub
+
+    import dataclasses
+
+    fp16 = dataclasses.replace(tiny, models=dataclasses.replace(tiny.models, variant="fp16"))
+    asked = []
+    monkeypatch.setattr(hub, "_download", lambda spec, kind, variant: asked.append((spec, kind, variant)) or tmp_path)
+    found = A.japanese_model(fp16, "someone/jp-base-1.0,other/its-refiner")
+    assert asked == [("someone/jp-base-1.0", "pipeline", "fp16"), ("other/its-refiner", "pipeline", "fp16")]
+    assert found == A.JapaneseModel(tmp_path, tmp_path, "fp16")

@@ -219,3 +219,54 @@ def test_weighted_loss_uses_the_weights():
     terms = {"h1": torch.tensor(1.0), "h2": torch.tensor(2.0), "pooled": torch.tensor(3.0)}
     assert float(D.weighted_loss(terms, {"h1": 1, "h2": 1, "pooled": 1})) == 6.0
     assert float(D.weighted_loss(terms, {"pooled": 0.0})) == 3.0  # missing weights count 1
+
+
+def test_positions_needed_reaches_the_latest_eos_of_the_batch_plus_the_padding():
+    student = torch.tensor([[5, 6, 3, 0, 0, 0, 0, 0, 0, 0], [5, 3, 0, 0, 0, 0, 0, 0, 0, 0]])
+    teacher = torch.tensor([[9, 7, 7, 8, 8, 8, 8, 8, 8, 8], [9, 7, 7, 7, 7, 8, 8, 8, 8, 8]])
+    assert D.positions_needed(student, teacher, 3, 8, pad_positions=0) == 6  # through the teacher's EOS at 5
+    assert D.positions_needed(student, teacher, 3, 8, pad_positions=2) == 8
+    assert D.positions_needed(student, teacher, 3, 8, pad_positions=50) == 10  # never more than there are
+
+
+def test_a_causal_student_gives_the_same_outputs_on_the_positions_it_computes(setup):
+    s = D.make_students(setup.teachers, setup.tokenizer, setup.tokenizer_2, "random").eval()
+    ids = [D.token_ids(t, ["赤い丸と青い四角", "猫が好きです。"]) for t in (setup.tokenizer, setup.tokenizer_2)]
+    n = D.positions_needed(ids[0], ids[0], setup.tokenizer.eos_token_id, setup.tokenizer.eos_token_id, 3)
+    with torch.no_grad():
+        full, short = D.forward(s.text_encoder, s.text_encoder_2, *ids), D.forward(
+            s.text_encoder, s.text_encoder_2, ids[0][:, :n], ids[1][:, :n])
+    assert n < 77 and short.h1.shape[1] == n
+    for t in D.TARGETS:
+        assert torch.allclose(getattr(full.first(n), t), getattr(short, t), atol=1e-5), t
+
+
+def test_pad_positions_shortens_a_causal_students_loss_and_leaves_a_non_causal_one_alone(setup):
+    state = lambda **kw: weights(D.distil(setup, progress=False, steps=2, **kw).students)  # noqa: E731
+    full, everything, short = state(), state(pad_positions=77), state(pad_positions=0)
+    assert all(torch.allclose(full[k], everything[k], atol=1e-6) for k in full)  # all positions: the same run
+    assert not all(torch.allclose(full[k], short[k], atol=1e-6) for k in full)  # fewer positions: another loss
+    # a non-causal student's every output reads all 77 positions: cutting them would change it, so it is not cut
+    a, b = state(causal=False), state(causal=False, pad_positions=0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_comparison_runs_scale_the_warm_up_to_their_budget(setup):
+    import dataclasses
+
+    p = setup.profile  # 6 steps; with a 6-step warm-up, a 3-step comparison would stop half-way up the ramp
+    longer = dataclasses.replace(setup, profile=dataclasses.replace(p, distill=dataclasses.replace(
+        p.distill, warmup_steps=6)))
+    run = D.compare(longer, {"default": {}}, steps=3, progress=False)["default"]
+    last = [row for row in run.log if row["step"] == 3][-1]
+    assert last["lr"] == pytest.approx(p.distill.lr)  # warm-up 3 of 3 steps: the peak rate at the end
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_step(setup):
+    # full.toml's small-card setting, on the tiny students: activations are recomputed in the backward pass
+    plain = D.distil(setup, progress=False, steps=2)
+    saved = D.distil(setup, progress=False, steps=2, gradient_checkpointing=True)
+    assert saved.students.text_encoder.is_gradient_checkpointing
+    assert not plain.students.text_encoder.is_gradient_checkpointing
+    a, b = weights(plain.students), weights(saved.students)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -72,3 +72,61 @@ def test_base_alone_runs_every_step_and_no_refiner(tiny, pipelines, monkeypatch)
                                           output_type="np")
     assert (len(base_calls), len(refiner_calls)) == (6, 0) and latents is None
     assert images.shape == (2, tiny.generate.height, tiny.generate.width, 3)
+
+
+def test_speedups_change_the_layout_not_the_images(tiny):
+    """The fast settings the GPU benchmark times must draw the same images (float32 here: same numbers up to
+    rounding); torch.compile and the half-precision rows need a GPU and are timed there."""
+    base, refiner = generation.load_pipelines(tiny)
+    before, _ = generation.generate(tiny, base, refiner, ["a red circle", "a blue square"], steps=6, output_type="np")
+    for name in ("channels last", "fused QKV projections"):
+        generation.apply_speedup(base, refiner, name)
+    assert base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert refiner.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all("Fused" in type(p).__name__ for p in base.unet.attn_processors.values())
+    assert all("Fused" in type(p).__name__ for p in refiner.unet.attn_processors.values())
+    after, _ = generation.generate(tiny, base, refiner, ["a red circle", "a blue square"], steps=6, output_type="np")
+    np.testing.assert_allclose(after, before, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown speed-up"):
+        generation.apply_speedup(base, refiner, "warp drive")
+
+
+def test_card_settings_put_the_refiner_in_bfloat16_under_autocast(tiny):
+    base, refiner = generation.load_pipelines(tiny)
+    with generation.card_settings(base, refiner):
+        images, _ = generation.generate(tiny, base, refiner, "a red circle", steps=4, output_type="np")
+    assert refiner.unet.dtype == torch.bfloat16 and base.unet.dtype == torch.float32 and np.isfinite(images).all()
+
+
+@pytest.fixture
+def tiny_clip(tmp_path):
+    """A random open_clip model from a config written here: the code path of full's ViT-L-14/openai, offline."""
+    import json
+
+    import open_clip
+
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "jpsdxl-test-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "jpsdxl-test-clip.json")
+    return "jpsdxl-test-clip"
+
+
+def test_clip_score_pairs_each_image_with_its_own_prompt(tiny, tiny_clip):
+    from jpsdxl import shapes
+
+    def score(images, prompts):  # the random weights drawn the same way every time
+        torch.manual_seed(0)
+        return generation.clip_score(images, prompts, tiny_clip)
+
+    images = [shapes.render(shapes.Shape(c, s, 8, 16, 16)) for c, s in (("red", "circle"), ("blue", "square"))]
+    prompts = ["a red circle", "a blue square"]
+    scores = score(images, prompts)
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 100)).all()
+    torch.testing.assert_close(score(images[::-1], prompts[::-1]), scores.flip(0))
+    assert not torch.allclose(score(images, prompts[::-1]), scores)
+    with_model = dataclasses.replace(tiny, generate=dataclasses.replace(tiny.generate, clip_model=tiny_clip))
+    torch.manual_seed(0)
+    by_model = generation.clip_scores(with_model, {"m": np.stack(images)[None]}, prompts)
+    assert by_model["m"] == pytest.approx(float(scores.mean()), abs=1e-4)
+    assert generation.clip_scores(tiny, {"m": np.stack(images)[None]}, prompts) == {}  # tiny: no CLIP model
