@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--size", type=int, default=None, help="height and width in pixels (multiple of 8)")
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--high-noise-frac", type=float, default=None, help="hand-off point base -> refiner, in (0, 1)")
+    gen.add_argument("--offload", action="store_true", help="small GPUs: model CPU offload + VAE tiling and slicing")
     train = sub.add_parser("train-shapes", help="retrain the shapes world (tiny VAE, base and refiner UNets) from "
                                                 "its recipe and seed, into jpsdxl/zoo_weights/shapes/")
     train.add_argument("--out", default=None, help="output folder (default: the shipped weights' folder)")
@@ -144,6 +145,8 @@ def _dispatch(args) -> int:
 def _generate(args) -> int:
     import warnings
 
+    import torch
+
     from . import assembly as A
     from . import generation as G
     from .profiles import load_profile
@@ -163,6 +166,9 @@ def _generate(args) -> int:
         raise ValueError(f"--high-noise-frac {args.high_noise_frac}: a fraction between 0 and 1, e.g. 0.8")
     profile = load_profile(args.profile)
     profile.check_device()
+    if args.offload and profile.torch_device().type != "cuda":
+        raise ValueError(f"--offload moves each part between the CPU and a CUDA GPU; profile {profile.name!r} runs on "
+                         f"{profile.device}: leave --offload out")
     model = A.japanese_model(profile, args.model)
     base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device())
     overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
@@ -174,8 +180,15 @@ def _generate(args) -> int:
         encode_prompts(base.tokenizer, prompts)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    images, _ = G.generate(profile, base, refiner, prompts, negative_prompt=args.negative and [args.negative] * len(prompts),
-                           **overrides)
+    if args.offload:
+        for option in G.MEMORY_OPTIONS:
+            G.apply_memory_option(base, refiner, option)
+    try:
+        images, _ = G.generate(profile, base, refiner, prompts,
+                               negative_prompt=args.negative and [args.negative] * len(prompts), **overrides)
+    except torch.cuda.OutOfMemoryError:
+        raise ValueError("the GPU ran out of memory: try --offload (model CPU offload + VAE tiling), a smaller --size, "
+                         "or fewer prompts at a time") from None
     for image, path in zip(images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)

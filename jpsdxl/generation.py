@@ -98,6 +98,22 @@ def generate(profile, base, refiner, prompt, refine: bool = True, **overrides):
     return two_stage(base, refiner, prompt, **kw)
 
 
+MEMORY_OPTIONS = ("plain", "vae tiling + slicing", "model CPU offload")  # in order of cost, cumulative
+
+
+def apply_memory_option(base, refiner, option: str) -> None:
+    """One of ``MEMORY_OPTIONS``, in place: VAE tiling and slicing (decode large or batched images in pieces), or
+    model CPU offload (each component moves to the GPU only while it runs; needs CUDA)."""
+    if option == "vae tiling + slicing":
+        base.vae.enable_tiling()  # the refiner shares this VAE
+        base.vae.enable_slicing()
+    elif option == "model CPU offload":
+        base.enable_model_cpu_offload()
+        refiner.enable_model_cpu_offload()
+    elif option != "plain":
+        raise ValueError(f"unknown memory option {option!r}; the options are {', '.join(MEMORY_OPTIONS)}")
+
+
 def memory_by_option(profile, base, refiner, prompt: str) -> list[dict]:
     """Peak GPU memory of one two-stage image under each memory option (on a CUDA device; else an empty list,
     with a note). Options are applied cumulatively: plain, + VAE tiling and slicing, + model CPU offload."""
@@ -105,13 +121,8 @@ def memory_by_option(profile, base, refiner, prompt: str) -> list[dict]:
         print("No CUDA GPU on this machine: nothing measured (memory options matter on GPUs only).")
         return []
     rows = []
-    for option in ("plain", "vae tiling + slicing", "model CPU offload"):
-        if option == "vae tiling + slicing":
-            base.vae.enable_tiling()
-            base.vae.enable_slicing()
-        if option == "model CPU offload":
-            base.enable_model_cpu_offload()
-            refiner.enable_model_cpu_offload()
+    for option in MEMORY_OPTIONS:
+        apply_memory_option(base, refiner, option)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:

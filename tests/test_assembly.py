@@ -85,6 +85,7 @@ def test_generate_warns_about_a_long_prompt(model, tmp_path, capsys):
     (["generate", "猫", "--high-noise-frac", "1.5"], "between 0 and 1"),
     (["generate", "猫", "--model", "{tmp}"], "not a folder holding base/ and refiner/"),
     (["generate", "猫", "--model", "someone/sdxl-jp"], "give both: --model BASE_ID,REFINER_ID"),
+    (["generate", "猫", "--offload"], "leave --offload out"),
 ])
 def test_generate_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
@@ -121,3 +122,17 @@ def test_hub_ids_resolve_base_and_refiner_through_the_hub_cache(tiny, monkeypatc
     found = A.japanese_model(fp16, "someone/jp-base-1.0,other/its-refiner")
     assert asked == [("someone/jp-base-1.0", "pipeline", "fp16"), ("other/its-refiner", "pipeline", "fp16")]
     assert found == A.JapaneseModel(tmp_path, tmp_path, "fp16")
+
+
+def test_a_gpu_out_of_memory_is_one_line_that_says_what_to_try(model, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from jpsdxl import generation
+
+    def too_small(*args, **kwargs):  # what a 16 GB card says at 2048x2048
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(generation, "generate", too_small)
+    assert main(["generate", "赤い丸", "--model", str(model), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "ran out of memory: try --offload" in err and "Traceback" not in err and err.count("\n") == 1

@@ -130,3 +130,13 @@ def test_clip_score_pairs_each_image_with_its_own_prompt(tiny, tiny_clip):
     by_model = generation.clip_scores(with_model, {"m": np.stack(images)[None]}, prompts)
     assert by_model["m"] == pytest.approx(float(scores.mean()), abs=1e-4)
     assert generation.clip_scores(tiny, {"m": np.stack(images)[None]}, prompts) == {}  # tiny: no CLIP model
+
+
+def test_memory_options_are_applied_in_place(tiny):
+    base, refiner = generation.load_pipelines(tiny)
+    generation.apply_memory_option(base, refiner, "plain")
+    assert not base.vae.use_tiling
+    generation.apply_memory_option(base, refiner, "vae tiling + slicing")
+    assert base.vae.use_tiling and base.vae.use_slicing and refiner.vae is base.vae
+    with pytest.raises(ValueError, match="unknown memory option"):
+        generation.apply_memory_option(base, refiner, "download more RAM")
