@@ -401,18 +401,22 @@ def train(teachers: Teachers, students: Students, splits, held_out: HeldOut, cfg
         if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
             break
         totals = dict.fromkeys(TARGETS, 0.0)
+        ja, en = [p[0] for p in batch], [p[1] for p in batch]
+        ids_1, ids_2 = token_ids(students.tokenizer, ja), token_ids(students.tokenizer_2, ja)
+        eos = (ids_1, token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id, teachers.tokenizer.eos_token_id)
+        n = ids_1.shape[1]
+        if cfg.pad_positions is not None and cfg.causal:  # a non-causal student's every output reads all 77
+            # one length for the whole global batch (every micro-batch, every process): the loss stays the mean
+            # over the same positions as one process with the whole batch would take
+            n = positions_needed(*eos, cfg.pad_positions)
+            n = int(accelerator.gather(torch.tensor([n], device=device)).max()) if world > 1 else n
+        masks = after_both_eos(*eos)[:, :n] if cfg.positions == "after_eos" else None
         for m in range(cfg.grad_accum):
-            part = batch[m * micro:(m + 1) * micro]
-            ja, en = [p[0] for p in part], [p[1] for p in part]
-            target = teachers.targets(en, device)
+            part = slice(m * micro, (m + 1) * micro)
+            target = teachers.targets(en[part], device).first(n)
+            ids = ids_1[part, :n], ids_2[part, :n]
+            mask = masks[part].to(device) if masks is not None else None
             sync = nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
-            ids = token_ids(students.tokenizer, ja), token_ids(students.tokenizer_2, ja)
-            eos = (ids[0], token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id,
-                   teachers.tokenizer.eos_token_id)
-            if cfg.pad_positions is not None and cfg.causal:  # a non-causal student's every output reads all 77
-                n = positions_needed(*eos, cfg.pad_positions)
-                ids, target = (ids[0][:, :n], ids[1][:, :n]), target.first(n)
-            mask = after_both_eos(*eos)[:, :ids[0].shape[1]].to(device) if cfg.positions == "after_eos" else None
             with sync, accelerator.autocast():
                 h1, h2, pooled = model(*ids)
                 terms = loss_terms(Outputs(h1, h2, pooled), target, mask)

@@ -88,9 +88,10 @@ def test_a_killed_run_resumes_to_the_same_weights(setup, straight, tmp_path):
     assert fresh.resumed_from is None and fresh.steps == 2
 
 
-def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(setup):
-    one = D.distil(setup, progress=False, steps=2)
-    two = D.distil(setup, progress=False, steps=2, grad_accum=2)
+@pytest.mark.parametrize("pad_positions", [None, 0])  # 0: each step computes only through its batch's last EOS
+def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(setup, pad_positions):
+    one = D.distil(setup, progress=False, steps=2, pad_positions=pad_positions)
+    two = D.distil(setup, progress=False, steps=2, grad_accum=2, pad_positions=pad_positions)
     a, b = weights(one.students), weights(two.students)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not torch.equal(a["text_encoder.embeddings.token_embedding.weight"],
@@ -149,13 +150,17 @@ def test_saved_folders_load_with_from_pretrained(straight, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_through_accelerate_launch_give_the_same_loss(small_profile, tmp_path):
-    """The same global batch over 2 CPU processes (gloo) as over 1: the same losses, the same weights."""
+    """The same global batch over 2 CPU processes (gloo) as over 1: the same losses, the same weights; with
+    pad_positions too (the processes agree on one length per step)."""
+    profile = Path(small_profile.source).with_name("small_pad.toml")  # beside its data; [distill] is its last section
+    profile.write_text(Path(small_profile.source).read_text(encoding="utf-8") + "pad_positions = 0\n", encoding="utf-8")
+
     def launch(n, out):
         # --multi_gpu is accelerate's launcher for N local processes (torch.distributed.run); on a machine without
         # CUDA the trainer asks accelerate for CPU processes, which then form a gloo group
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if n > 1 else []),
                "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(29500 + n), "-m", "jpsdxl.cli", "distill", "--profile", small_profile.source,
+               "--main_process_port", str(29500 + n), "-m", "jpsdxl.cli", "distill", "--profile", str(profile),
                "--out", str(out), "--steps", "4"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
