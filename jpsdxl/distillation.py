@@ -394,7 +394,10 @@ def train(teachers: Teachers, students: Students, splits, held_out: HeldOut, cfg
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    bar = tqdm(total=cfg.steps, initial=step, desc="distillation", disable=not progress or not accelerator.is_main_process)
+    # at most one refresh a second: in a notebook every refresh is a widget message, and a long cell's burst of
+    # them can overflow the kernel's message queue (nbval then misses the end of the cell)
+    bar = tqdm(total=cfg.steps, initial=step, desc="distillation", mininterval=1.0,
+               disable=not progress or not accelerator.is_main_process)
     started, first_step = time.perf_counter(), step
     model.train()
     for batch in batches(stream, cfg.batch_size, rank, world, streamed):
