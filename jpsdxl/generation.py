@@ -180,17 +180,24 @@ def agreement(japanese: torch.Tensor, english: torch.Tensor) -> dict:
             "nearest_rate": hits / (n * seeds), "chance": 1 / n, "pairs": n, "seeds": seeds}
 
 
-def clip_score(images, prompts, model: str = "ViT-L-14/openai", device: str | torch.device = "cpu") -> torch.Tensor:
-    """``[n]``: the CLIP score of each image with its prompt, torchmetrics' definition (100 x the cosine of the image
-    and text embeddings, floored at 0), with an open_clip model named ``"<architecture>/<pretrained tag>"``
+def load_clip(model: str = "ViT-L-14/openai", device: str | torch.device = "cpu") -> tuple:
+    """(network, image preprocessing, tokenizer) of an open_clip model named ``"<architecture>/<pretrained tag>"``
     (fetched from the hub on first use; a bare architecture name gives random weights, for tests only)."""
-    import numpy as np
     import open_clip
-    from PIL import Image
 
     name, _, pretrained = model.partition("/")
     net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
-    tokenizer = open_clip.get_tokenizer(name)
+    return net.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def clip_score(images, prompts, clip: tuple) -> torch.Tensor:
+    """``[n]``: the CLIP score of each image with its prompt, torchmetrics' definition (100 x the cosine of the image
+    and text embeddings, floored at 0), with a model from ``load_clip``."""
+    import numpy as np
+    from PIL import Image
+
+    net, preprocess, tokenizer = clip
+    device = next(net.parameters()).device
     pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
     with torch.no_grad():
         image = net.encode_image(torch.stack([preprocess(im) for im in pil]).to(device))
@@ -201,14 +208,14 @@ def clip_score(images, prompts, model: str = "ViT-L-14/openai", device: str | to
 
 def clip_scores(profile, images_by_model: dict, prompts) -> dict:
     """Mean CLIP score per model of images ``[seeds, prompts, H, W, 3]`` (uint8) against ``prompts`` (the English
-    ones: CLIP reads English), with ``generate.clip_model``; profiles without one (``tiny``) get an empty dict."""
+    ones: CLIP reads English), with ``generate.clip_model`` (loaded once for all models); profiles without one
+    (``tiny``) get an empty dict."""
     model = profile.generate.clip_model
     if not model:
         print(f"profile {profile.name!r} sets no generate.clip_model: no CLIP score (full uses ViT-L-14/openai).")
         return {}
-    device = profile.torch_device()
-    return {name: float(clip_score(images.reshape(-1, *images.shape[2:]), list(prompts) * images.shape[0], model,
-                                   device).mean())
+    clip = load_clip(model, profile.torch_device())
+    return {name: float(clip_score(images.reshape(-1, *images.shape[2:]), list(prompts) * images.shape[0], clip).mean())
             for name, images in images_by_model.items()}
 
 

@@ -115,9 +115,11 @@ def tiny_clip(tmp_path):
 def test_clip_score_pairs_each_image_with_its_own_prompt(tiny, tiny_clip):
     from jpsdxl import shapes
 
-    def score(images, prompts):  # the random weights drawn the same way every time
-        torch.manual_seed(0)
-        return generation.clip_score(images, prompts, tiny_clip)
+    torch.manual_seed(0)  # clip_scores below draws the same random weights from the same seed
+    clip = generation.load_clip(tiny_clip)
+
+    def score(images, prompts):
+        return generation.clip_score(images, prompts, clip)
 
     images = [shapes.render(shapes.Shape(c, s, 8, 16, 16)) for c, s in (("red", "circle"), ("blue", "square"))]
     prompts = ["a red circle", "a blue square"]
