@@ -406,14 +406,18 @@ def train(teachers: Teachers, students: Students, splits, held_out: HeldOut, cfg
         totals = dict.fromkeys(TARGETS, 0.0)
         ja, en = [p[0] for p in batch], [p[1] for p in batch]
         ids_1, ids_2 = token_ids(students.tokenizer, ja), token_ids(students.tokenizer_2, ja)
-        eos = (ids_1, token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id, teachers.tokenizer.eos_token_id)
-        n = ids_1.shape[1]
-        if cfg.pad_positions is not None and cfg.causal:  # a non-causal student's every output reads all 77
+        trim = cfg.pad_positions is not None and cfg.causal  # a non-causal student's every output reads all 77
+        n, masks = ids_1.shape[1], None
+        if trim or cfg.positions == "after_eos":  # both need where each side's sentence ends
+            eos = (ids_1, token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id,
+                   teachers.tokenizer.eos_token_id)
+        if trim:
             # one length for the whole global batch (every micro-batch, every process): the loss stays the mean
             # over the same positions as one process with the whole batch would take
             n = positions_needed(*eos, cfg.pad_positions)
             n = int(accelerator.gather(torch.tensor([n], device=device)).max()) if world > 1 else n
-        masks = after_both_eos(*eos)[:, :n] if cfg.positions == "after_eos" else None
+        if cfg.positions == "after_eos":
+            masks = after_both_eos(*eos)[:, :n]
         for m in range(cfg.grad_accum):
             part = slice(m * micro, (m + 1) * micro)
             target = teachers.targets(en[part], device).first(n)

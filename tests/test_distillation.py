@@ -275,3 +275,12 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_step(setup):
     assert not plain.students.text_encoder.is_gradient_checkpointing
     a, b = weights(plain.students), weights(saved.students)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("pad_positions", [None, 0])
+def test_after_eos_positions_train_on_their_own_loss(setup, pad_positions):
+    default = weights(D.distil(setup, progress=False, steps=2).students)
+    masked = weights(D.distil(setup, progress=False, steps=2, positions="after_eos",
+                              pad_positions=pad_positions).students)
+    assert all(torch.isfinite(v).all() for v in masked.values())
+    assert not all(torch.allclose(default[k], masked[k], atol=1e-6) for k in default)

@@ -57,7 +57,7 @@ def test_tutorial_runs_end_to_end(tutorial):
     for row in summary:
         folder = root / "tiny" / row["notebook"]
         assert (folder / f"{row['notebook']}.ipynb").exists() and (folder / f"{row['notebook']}.html").exists()
-        assert EXPECTED[row["notebook"]] <= set(json.loads((folder / "metrics.json").read_text()))
+        assert EXPECTED[row["notebook"]] <= set(_metrics(root, row["notebook"]))
         nb = nbformat.read(folder / f"{row['notebook']}.ipynb", as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert json.loads((root / "tiny" / "summary.json").read_text())["profile"] == "tiny"
@@ -66,8 +66,7 @@ def test_tutorial_runs_end_to_end(tutorial):
 @pytest.mark.slow
 def test_tutorial_numbers_say_what_the_text_says(tutorial):
     root, _ = tutorial
-    m0 = json.loads((root / "tiny" / "00_overview" / "metrics.json").read_text())
-    m1 = json.loads((root / "tiny" / "01_tokenizer_alignment" / "metrics.json").read_text())
+    m0, m1 = _metrics(root, "00_overview"), _metrics(root, "01_tokenizer_alignment")
     assert m0["conditioning_consistent"] is True
     assert m1["sentencepiece_agreement"] == 1.0 and m1["pooled_at_eos"] is True
     assert m1["clip_tokens_per_char"] > 2 * m1["ja_tokens_per_char"]
@@ -83,7 +82,7 @@ def test_tutorial_numbers_say_what_the_text_says(tutorial):
 def test_notebook_02_numbers_say_what_its_text_says(tutorial):
     root, _ = tutorial
     folder = root / "tiny" / "02_embedding_init"
-    m2 = json.loads((folder / "metrics.json").read_text())
+    m2 = _metrics(root, "02_embedding_init")
     assert {w: v["en_token"] for w, v in m2["mapping"].items()} == {"猫": "cat", "犬": "dog", "水": "water"}
     tsv = (folder / "mapping.tsv").read_text(encoding="utf-8").splitlines()
     assert tsv[0] == "ja_piece\ten_token\tscore" and len(tsv) == m2["ja_pieces"] + 1
@@ -107,7 +106,7 @@ def test_notebook_03_numbers_say_what_its_text_says(tutorial):
 
     root, _ = tutorial
     folder = root / "tiny" / "03_distillation"
-    m = json.loads((folder / "metrics.json").read_text())
+    m = _metrics(root, "03_distillation")
     d = m["default"]
     # "after training the matched centred cosine is well above the mismatched one, which stays near 0, and pool-100
     # top-1 is many times chance"
@@ -142,7 +141,7 @@ def test_notebook_03_numbers_say_what_its_text_says(tutorial):
 def test_notebook_04_numbers_say_what_its_text_says(tutorial):
     root, _ = tutorial
     folder = root / "tiny" / "04_generation"
-    m = json.loads((folder / "metrics.json").read_text())
+    m = _metrics(root, "04_generation")
     h = m["held_out_captions"]
     en, ja, init, untrained = (h["English (original)"], h["distilled"], h["init only (similarity)"],
                                h["untrained (mean rows)"])
@@ -174,13 +173,18 @@ def test_tutorial_numbers_match_an_independent_count(tutorial, tiny, splits):
     from jpsdxl.tokenization import sentencepiece_model
 
     root, _ = tutorial
-    m1 = json.loads((root / "tiny" / "01_tokenizer_alignment" / "metrics.json").read_text())
+    m1 = _metrics(root, "01_tokenizer_alignment")
     held_out = [ja for ja, _ in splits.test]
     chars = sum(len(normalize_text(t).replace(" ", "")) for t in held_out)
     clip = SimpleTokenizer()
     assert abs(sum(len(clip.encode(t)) for t in held_out) / chars - m1["clip_tokens_per_char"]) < 1e-3
     sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model(tiny)[0]))
     assert abs(sum(len(sp.encode(t)) for t in held_out) / chars - m1["ja_tokens_per_char"]) < 1e-3
+
+
+def _metrics(root, notebook: str) -> dict:
+    """What a notebook of the tiny run saved as its headline numbers."""
+    return json.loads((root / "tiny" / notebook / "metrics.json").read_text())
 
 
 def _nbval(root, notebooks):
