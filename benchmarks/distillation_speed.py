@@ -37,7 +37,8 @@ def main():
     import torch
 
     from jpsdxl import distillation as D
-    from jpsdxl.profiles import load_profile
+    from jpsdxl.notebook import costs
+    from jpsdxl.core.profiles import load_profile
 
     profile = load_profile(args.profile)
     overrides = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -54,7 +55,7 @@ def main():
     run = D.distil(setup, steps=args.steps, **quiet, **overrides)
     cfg = profile.distill
     pairs_per_second = run.samples_per_second  # the training loop only: not the step-0 held-out evaluation
-    flops = D.training_flops_per_sample(setup.teachers.text_encoder, setup.teachers.text_encoder_2)["flops_per_pair"]
+    flops = costs.training_flops_per_sample(setup.teachers.text_encoder, setup.teachers.text_encoder_2)["flops_per_pair"]
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     memory = (torch.cuda.max_memory_allocated() / 2**30 if cuda

@@ -1,7 +1,7 @@
 """Benchmark: the card's example settings against the fastest settings that keep its steps, size and scheduler.
 
 Times base + refiner (seconds per image) under the card's example code as written (base fp16, refiner bf16, bf16
-autocast), then adds diffusers' speed-ups one at a time (``generation.SPEEDUPS``: fp16 throughout, channels last,
+autocast), then adds diffusers' speed-ups one at a time (``measure.SPEEDUPS``: fp16 throughout, channels last,
 fused QKV projections, torch.compile with ``--compile``) and prints each row's speed-up over the card's row and
 over the row before it. Same steps, size, guidance, hand-off and scheduler in every row. On a CPU the card's
 half-precision rows do not apply: the first row is the profile's dtype.
@@ -32,7 +32,8 @@ def main():
     import torch
 
     from jpsdxl import generation as G
-    from jpsdxl.profiles import load_profile
+    from jpsdxl.notebook import measure
+    from jpsdxl.core.profiles import load_profile
 
     profile = load_profile(args.profile)
     g = profile.generate
@@ -54,13 +55,13 @@ def main():
     rows = []
     if cuda:
         rows.append(("card's code: fp16 base, bf16 refiner, bf16 autocast",
-                     seconds_per_image(G.card_settings(base, refiner))))
-        G.apply_speedup(base, refiner, "fp16 throughout", profile.torch_dtype())
+                     seconds_per_image(measure.card_settings(base, refiner))))
+        measure.apply_speedup(base, refiner, "fp16 throughout", profile.torch_dtype())
         rows.append(("fp16 throughout", seconds_per_image(nullcontext())))
     else:
         rows.append((f"{profile.dtype} (the card's fp16 / bf16 rows need a GPU)", seconds_per_image(nullcontext())))
     for name in ("channels last", "fused QKV projections") + (("torch.compile",) if args.compile else ()):
-        G.apply_speedup(base, refiner, name, profile.torch_dtype())
+        measure.apply_speedup(base, refiner, name, profile.torch_dtype())
         rows.append((f"+ {name}", seconds_per_image(nullcontext())))
 
     device = torch.cuda.get_device_name(0) if cuda else "CPU"

@@ -22,7 +22,8 @@ def main():
     import torch
 
     from jpsdxl import generation
-    from jpsdxl.profiles import load_profile
+    from jpsdxl.notebook import measure
+    from jpsdxl.core.profiles import load_profile
 
     profile = load_profile(args.profile)
     g = profile.generate
@@ -35,7 +36,7 @@ def main():
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     prompts = ["a photo of a very cute kitten"] * args.images
-    t = generation.stage_seconds(profile, base, refiner, prompts, num_inference_steps=steps)
+    t = measure.stage_seconds(profile, base, refiner, prompts, num_inference_steps=steps)
     base_s, refiner_s = t["base_seconds"], t["refiner_seconds"]
     peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)

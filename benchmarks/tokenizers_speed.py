@@ -31,7 +31,7 @@ def main():
     from open_clip.tokenizer import SimpleTokenizer
 
     from jpsdxl import data, tokenization
-    from jpsdxl.profiles import load_profile
+    from jpsdxl.core.profiles import load_profile
 
     profile = load_profile(args.profile)
     splits = data.load_pairs(profile)

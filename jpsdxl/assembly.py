@@ -21,8 +21,8 @@ from typing import NamedTuple
 import torch
 
 from .generation import load_pipelines
-from .hub import resolve_profile
-from .runs import quiet_hf_progress
+from .core.models import resolve_profile
+from .core.runs import quiet_hf_progress
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -42,7 +42,7 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
 
     ``copy=False`` links the unchanged parts (a folder to share or upload: ``copy=True``, which copies them).
     """
-    from .runs import atomic_path
+    from .core.runs import atomic_path
 
     students_dir = Path(students_dir)
     missing = [p for p in TEXT_PARTS if not (students_dir / p).is_dir()]
@@ -75,7 +75,7 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
 
 def describe_assembled(folder: str | Path) -> list[dict]:
     """One row per component of an assembled model: where each of base's and refiner's parts really lives."""
-    from .hub import folder_size
+    from .core.hub import folder_size
 
     folder = Path(folder).resolve()
     rows = []
@@ -118,25 +118,21 @@ def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, devi
     return base, refiner
 
 
-def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path, mapping_path=None) -> dict:
+def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path) -> dict:
     """The Japanese models stage 4 compares, as (base, refiner) pairs: copies with every row the mean English row
-    (untrained), copies with stage 2's similarity rows (init only; needs ``mapping_path``) and the distilled model
-    assembled in ``model_dir``. All use stage 3's saved tokenizers."""
+    (untrained), copies with stage 2's similarity rows (init only; stage 2's mapping, by the one rule of
+    ``runs.require``) and the distilled model assembled in ``model_dir``. All use stage 3's saved tokenizers."""
     from transformers import AutoTokenizer
 
     from .distillation import load_teachers, make_students
-    from .embedding_init import load_mapping
+    from .embedding_init import stage_mapping
 
     students_dir = Path(students_dir)
     tok, tok_2 = (AutoTokenizer.from_pretrained(students_dir / t) for t in ("tokenizer", "tokenizer_2"))
     teachers = load_teachers(profile)
     variants = {}
-    for name, strategy in (("untrained (mean rows)", "mean"), ("init only (similarity)", "similarity")):
-        mapping = None
-        if strategy == "similarity":
-            if mapping_path is None or not Path(mapping_path).exists():
-                continue  # notebook 02 has not run: nothing to measure
-            mapping, _ = load_mapping(mapping_path)
+    for name, strategy, mapping in (("untrained (mean rows)", "mean", None),
+                                    ("init only (similarity)", "similarity", stage_mapping(profile))):
         s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed)
         variants[name] = load_pipelines(profile, text_encoder=s.text_encoder.eval(), text_encoder_2=s.text_encoder_2.eval(),
                                         tokenizer=tok, tokenizer_2=tok_2)
@@ -157,11 +153,9 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
     """The base and refiner folders ``jpsdxl generate`` draws with. ``model``: a folder holding base/ and refiner/,
     or hub ids (``BASE_ID`` with the refiner found by name, or ``BASE_ID,REFINER_ID``; fetched once, in the
     profile's weights variant). Default: the profile's assembled model under runs/, assembled from stage 3's
-    students if needed, and on a fresh checkout those students trained first (``jpsdxl distill``)."""
-    import sys
-
-    from .hub import resolve_all
-    from .runs import runs_dir
+    students if needed (missing students: an error that says to run ``jpsdxl distill``)."""
+    from .core.models import resolve_all
+    from .core.runs import require, stage_dir
 
     if model is not None:
         folder = Path(model).expanduser()
@@ -176,21 +170,9 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
         found = resolve_all({"Japanese SDXL base": (base_id, "pipeline", variant),
                              "Japanese SDXL refiner": (refiner or refiner_id(base_id), "pipeline", variant)})
         return JapaneseModel(found["Japanese SDXL base"], found["Japanese SDXL refiner"], variant)
-    out = runs_dir(profile.name, "04_generation") / "model"
+    out = stage_dir(profile, "generate") / "model"
     if (out / "base").is_dir() and (out / "refiner").is_dir():
         return JapaneseModel(out / "base", out / "refiner")
-    students = runs_dir(profile.name, "03_distillation")
-    if not all((students / p).is_dir() for p in TEXT_PARTS):
-        from .distillation import distil, prepare, save_students
-
-        print(f"No trained Japanese encoders for profile {profile.name!r} yet: training them now (stage 3, as "
-              f"`jpsdxl distill` does) into {students}", file=sys.stderr)
-        setup = prepare(profile, runs_dir(profile.name, "02_embedding_init", create=False) / "mapping.pt")
-        wanted = profile.distill.init or profile.init.strategy
-        init = wanted if setup.mapping is not None or wanted in ("mean", "random") else "mean"
-        if init != wanted:
-            print(f"(no stage-2 mapping yet, so the rows start from the mean English row instead of {wanted!r}; "
-                  f"run notebook 02 first for the profile's own start)", file=sys.stderr)
-        save_students(distil(setup, students, init=init).students, students)
+    students = require(profile, "distill", *TEXT_PARTS)  # no trained encoders yet: says to run `jpsdxl distill`
     assemble(profile, students, out)
     return JapaneseModel(out / "base", out / "refiner")

@@ -1,9 +1,16 @@
 """``jpsdxl``: the command line. ``jpsdxl run --profile tiny`` executes the whole tutorial.
 
-Sub-commands: ``run`` (notebooks, in order, by papermill), ``prepare`` (fetch data, build the zoo and the
-tokenizer ahead of a run), ``distill`` (stage 3 outside the notebook: resumable, and on several GPUs with
-``accelerate launch -m jpsdxl.cli distill``), ``train-shapes`` (rebuild the shapes world's shipped weights), ``env`` (versions and
-hardware), ``profiles`` (what each profile is for).
+One sub-command per stage of the recipe, each the stage's ``run`` (outputs under ``runs/<profile>/``; a stage whose
+input is missing says which command makes it):
+
+    jpsdxl tokenizer   stage 1: the Japanese tokenizers          -> 01_tokenizer_alignment/tokenizer{,_2}
+    jpsdxl init        stage 2: nearest English token per piece  -> 02_embedding_init/mapping.{pt,tsv}
+    jpsdxl distill     stage 3: train both encoders (resumable; several GPUs: accelerate launch -m jpsdxl.cli distill)
+    jpsdxl generate    stage 4: base -> refiner from Japanese prompts
+
+and ``run`` (the notebooks, in order, by papermill), ``prepare`` (fetch data and models, build the zoo, the tokenizer
+and stage 2's mapping ahead of a run or a workshop), ``train-shapes`` (rebuild the shapes world's shipped weights),
+``env`` (versions and hardware), ``profiles`` (what each profile is for).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 00 01")
     run.add_argument("--runs", default=None, help="output root (default: <repo>/runs)")
     run.add_argument("--no-html", action="store_true", help="skip the HTML export")
-    prep = sub.add_parser("prepare", help="fetch data, build the zoo and the Japanese tokenizer")
+    prep = sub.add_parser("prepare", help="fetch data and models, build the zoo, the Japanese tokenizer and stage 2's "
+                                          "mapping: everything slow that the notebooks would do on first use")
     prep.add_argument("--profile", default="tiny")
+    tok = sub.add_parser("tokenizer", help="stage 1: train the Japanese tokenizer and save both tokenizers")
+    tok.add_argument("--profile", default="tiny")
+    init = sub.add_parser("init", help="stage 2: map every Japanese piece to its most similar English CLIP tokens "
+                                       "(mapping.pt, mapping.tsv)")
+    init.add_argument("--profile", default="tiny")
     dist = sub.add_parser("distill", help="train the Japanese text encoders (stage 3); resumes from the newest "
                                           "checkpoint in --out unless --fresh")
     dist.add_argument("--profile", default="tiny")
@@ -52,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("env", help="print versions, CPU, memory, GPU")
     sub.add_parser("profiles", help="list the profiles")
     args = parser.parse_args(argv)
-    from .hub import ModelNotAvailable
+    from .core.hub import ModelNotAvailable
 
     try:
         return _dispatch(args)
@@ -75,67 +89,75 @@ def _dispatch(args) -> int:
             return 1
         print(f"{len(summary)} notebooks, {sum(r['seconds'] for r in summary):.1f} s")
     elif args.command == "prepare":
-        from .data import load_pairs
-        from .hub import resolve_profile
-        from .profiles import load_profile
-        from .tokenization import japanese_tokenizers
+        from .core.models import resolve_profile
+        from .core.profiles import load_profile
+        from .embedding_init import run as stage_2
+        from .tokenization import run as stage_1
 
         profile = load_profile(args.profile)
         profile.check_device()
-        splits = load_pairs(profile)
-        print(f"pairs: {splits.sizes()}")
         for role, folder in resolve_profile(profile).items():
             print(f"{role}: {folder}")
-        tok, _ = japanese_tokenizers(profile, None if splits.streamed else [ja for ja, _ in splits.train])
-        print(f"Japanese tokenizer: {len(tok):,} pieces")
-    elif args.command == "distill":
-        from pathlib import Path
+        print(f"stage 1: {stage_1(profile)}")
+        mapping = stage_2(profile)
+        print(f"stage 2: {len(mapping.ja):,} Japanese pieces mapped")
+    elif args.command == "tokenizer":
+        from .core.profiles import load_profile
+        from .tokenization import run as stage_1
 
+        folder = stage_1(load_profile(args.profile))
+        print(f"wrote {folder}/{{tokenizer,tokenizer_2}}")
+    elif args.command == "init":
+        from .core.profiles import load_profile
+        from .core.runs import stage_dir
+        from .embedding_init import run as stage_2
+
+        profile = load_profile(args.profile)
+        mapping = stage_2(profile)
+        best = mapping.rows()
+        print(f"{len(best):,} Japanese pieces mapped; e.g. " + ", ".join(
+            f"{r['ja_piece']} -> {r['en_token']}" for r in best[100:105]))
+        print(f"wrote {stage_dir(profile, 'init')}/mapping.{{pt,tsv}}")
+    elif args.command == "distill":
         from accelerate import PartialState
 
         from . import distillation as D
-        from .profiles import load_profile
-        from .runs import runs_dir
+        from .core.profiles import load_profile
+        from .core.runs import stage_dir
 
         profile = load_profile(args.profile)
-        out = Path(args.out).resolve() if args.out else runs_dir(profile.name, "03_distillation")
-        mapping = out.parent / "02_embedding_init" / "mapping.pt"
-        setup = D.prepare(profile, mapping if mapping.exists() else runs_dir(profile.name, "02_embedding_init", create=False) / "mapping.pt")
         overrides = {k: v for k, v in (("steps", args.steps), ("init", args.init)) if v}
         try:
-            run = D.distil(setup, out, resume=not args.fresh, **overrides)
+            run = D.run(profile, args.out, resume=not args.fresh, **overrides)
         except D.NonFiniteLoss as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         state = PartialState()
         if state.is_main_process:
-            D.save_students(run.students, out)
             print(f"processes: {state.num_processes} ({state.distributed_type})")
             print(run.bad_lines)
             print(json.dumps(D.summary(run), indent=1))
-            print(f"wrote {out}/{{text_encoder,text_encoder_2,tokenizer,tokenizer_2}}")
+            print(f"wrote {run.folder or stage_dir(profile, 'distill')}/{{text_encoder,text_encoder_2,tokenizer,tokenizer_2}}")
     elif args.command == "generate":
         return _generate(args)
     elif args.command == "train-shapes":
-        from pathlib import Path
-
-        from .shapes_training import train_shapes_world
-        from .zoo import RECIPES, WEIGHTS_DIR
+        from .shapes.training import train_shapes_world
+        from .core.zoo import RECIPES, WEIGHTS_DIR
 
         out = Path(args.out).resolve() if args.out else WEIGHTS_DIR / RECIPES["shapes"]["weights"]
         info = train_shapes_world(out)
         print(f"wrote {out} in {info['total_seconds'] / 60:.1f} min (recipe {info['recipe']})")
         if out == WEIGHTS_DIR / RECIPES["shapes"]["weights"]:
-            from .shapes_training import judge_shipped
+            from .shapes.training import judge_shipped
 
             scores = judge_shipped(out)["english_base_and_refiner"]
             print(f"English prompts, judged: colour {scores['colour']:.1%}, shape {scores['shape']:.1%}")
     elif args.command == "env":
-        from .overview import environment_report
+        from .notebook.overview import environment_report
 
         print(json.dumps(environment_report(), indent=2))
     elif args.command == "profiles":
-        from .overview import profile_table
+        from .notebook.overview import profile_table
 
         for row in profile_table():
             print(f"{row['profile']:12s} {row['device']:5s} {row['dtype']:9s} {row['what for']}")
@@ -149,17 +171,17 @@ def _generate(args) -> int:
 
     from . import assembly as A
     from . import generation as G
-    from .profiles import load_profile
+    from .core.profiles import load_profile
     from .tokenization import encode_prompts
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += G.read_prompts(args.prompts_file)
+        prompts += read_prompts(args.prompts_file)
     if not prompts:
         raise ValueError("no prompt given: jpsdxl generate \"かわいすぎる子猫\" --out kitten.png (or --prompts-file FILE)")
     if any(not p.strip() for p in prompts):
         raise ValueError("an empty prompt: give some text (SDXL's unconditional image needs no tool)")
-    paths = G.output_paths(args.out, len(prompts))
+    paths = output_paths(args.out, len(prompts))
     if args.size is not None and (args.size < 8 or args.size % 8):
         raise ValueError(f"--size {args.size}: a multiple of 8 (the VAE halves the size three times)")
     if args.high_noise_frac is not None and not 0 < args.high_noise_frac < 1:
@@ -194,6 +216,37 @@ def _generate(args) -> int:
         image.save(path)
         print(path)
     return 0
+
+
+
+# -----------------------------------------------------------------------------
+# generate's input and output
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per line (blank lines skipped); a clear error for what cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file (write one prompt per line)")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path}: no prompts in it (write one prompt per line)")
+    return prompts
+
+
+def output_paths(out: str | Path, n: int) -> list[Path]:
+    """``out`` for one image; ``stem-01.png``, ``stem-02.png``, ... beside it for several."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"--out {out}: give an image file name ending in .png, .jpg or .webp")
+    if n == 1:
+        return [out]
+    width = max(2, len(str(n)))
+    return [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(1, n + 1)]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Parallel JA-EN data and a JA-EN lexicon: fetch, read, check, split.
+"""Parallel JA-EN data: fetch, read, check, split, stream.
 
 Sources, all behind one ``load_pairs(profile)`` call:
 
@@ -9,22 +9,21 @@ Sources, all behind one ``load_pairs(profile)`` call:
   the formats a full run's WMT23 or translated-caption dumps come in.
 * ``hf:<dataset id or folder>``: a Hugging Face ``datasets`` source, streamed for tens of millions of pairs.
 
+``TrainingPairs`` turns a training split into the seeded, resumable sequence that stage 3 trains on.
+
 Bad lines (wrong column count, an empty side, undecodable bytes, broken JSON) are skipped, counted and
 reported with their line numbers in a ``BadLines`` report: never a crash hours into a run, never silently lost.
 
-The JMdict lexicon (CC-BY-SA 3.0, EDRDG) comes from the ``jamdict-data`` package's sqlite file.
-
-This file does not tokenize (``tokenization.py``) or batch for training.
+This file does not tokenize (``tokenization.py``), batch for training (``distillation.py``) or read the JMdict
+lexicon (``lexicon.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import random
 import re
-import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -32,11 +31,13 @@ import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .runs import atomic_path, cache_dir
+import numpy as np
+
+from .core.runs import atomic_path, cache_dir
 
 # The pinned archive that carries Tatoeba's JA-EN export. Changing it means re-checking licence and hash.
 TATOEBA = dict(
@@ -392,6 +393,14 @@ class Splits:
         return {name: "streamed" if self.streamed else len(getattr(self, name)) for name in ("train", "valid", "test")}
 
 
+def japanese_side(split, limit: int | None = None) -> list[str]:
+    """The Japanese sentences of a split: all of a list split, the first ``limit`` of a streamed one (a stream of
+    tens of millions is never read whole to train a tokenizer)."""
+    if isinstance(split, list):
+        return [ja for ja, _ in split]
+    return [ja for ja, _ in islice(split, limit)]
+
+
 def take(split, n: int) -> list[Pair]:
     """The first ``n`` pairs of a split, list or stream alike."""
     return list(split[:n]) if isinstance(split, list) else list(islice(split, n))
@@ -477,62 +486,50 @@ def load_pairs(profile) -> Splits:
 
 
 # -----------------------------------------------------------------------------
-# JMdict lexicon (jamdict-data's sqlite file, read directly: jam.lookup is 50 ms a word)
-
-_PRIORITY = {"news1": 0, "ichi1": 0, "spec1": 0, "gai1": 0, "news2": 1, "ichi2": 1, "spec2": 1, "gai2": 1}
+# the training stream: one seeded sequence of pairs, resumable at any item
 
 
-def jmdict_path() -> Path:
-    spec = importlib.util.find_spec("jamdict_data")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("jamdict-data is not installed: `pip install jamdict-data` (54 MB, CC-BY-SA 3.0).")
-    return Path(list(spec.submodule_search_locations)[0]) / "jamdict.db"
+@dataclass
+class TrainingPairs:
+    """What stage 3 trains on: a corpus (a list split, or a ``StreamedSplit``) with ``extra`` pairs (for ``tiny``, the
+    shapes world's training captions) interleaved as ``extra_share`` of the items, in an order fixed by ``seed``."""
+
+    corpus: list[Pair] | StreamedSplit
+    extra: list[Pair]
+    extra_share: float
+    seed: int
+    report: BadLines | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.corpus, StreamedSplit)
+
+    def stream(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[Pair]:
+        """The sequence from item ``start`` on. A streamed corpus is read as process ``rank`` of ``world`` reads it
+        (its own shard; ``start`` counts that process's items); a list corpus is the same for every process."""
+        corpus = self.corpus.sharded(rank, world) if self.streamed and world > 1 else self.corpus
+        return pair_stream(corpus, self.extra if self.extra_share > 0 else [], self.extra_share, self.seed, start)
 
 
-def load_jmdict_lexicon(limit: int = 20_000) -> list[Pair]:
-    """Common JMdict words as (headword, first English gloss), most common first.
+def pair_stream(corpus, extra: list, extra_share: float, seed: int, start: int = 0):
+    """The training sequence from item ``start`` on, the same on every run with the same seed.
 
-    Commonness: JMdict priority tags (news/ichi/spec/gai 1 before 2, then nfXX frequency bucket). The headword is
-    the kana form when JMdict marks the word as usually written in kana. Glosses lose "(...)" notes and "to ".
+    A list corpus is reshuffled each epoch (seeded by seed and epoch); a streamed one is read in its order. The
+    ``extra`` pairs are interleaved so that they make up ``extra_share`` of the items. Resuming skips ``start`` items of
+    the same sequence, so a resumed run sees exactly the pairs the uninterrupted one would have.
     """
-    con = sqlite3.connect(f"file:{jmdict_path()}?mode=ro", uri=True)
-    rank: dict[int, tuple[int, int]] = {}
-    form_pri: set[tuple[int, str]] = set()
-    for query in ("SELECT k.idseq, k.text, p.text FROM Kanji k JOIN KJP p ON p.kid = k.ID",
-                  "SELECT k.idseq, k.text, p.text FROM Kana k JOIN KNP p ON p.kid = k.ID"):
-        for idseq, form, tag in con.execute(query):
-            cls, nf = rank.get(idseq, (9, 99))
-            if tag in _PRIORITY:
-                cls = min(cls, _PRIORITY[tag])
-                form_pri.add((idseq, form))
-            elif tag.startswith("nf"):
-                nf = min(nf, int(tag[2:]))
-            rank[idseq] = (cls, nf)
-    kanji: dict[int, list[str]] = {}
-    kana: dict[int, list[str]] = {}
-    for idseq, text in con.execute("SELECT idseq, text FROM Kanji ORDER BY ID"):
-        kanji.setdefault(idseq, []).append(text)
-    for idseq, text in con.execute("SELECT idseq, text FROM Kana ORDER BY ID"):
-        kana.setdefault(idseq, []).append(text)
-    first_sense = dict(con.execute("SELECT idseq, MIN(ID) FROM Sense GROUP BY idseq"))
-    usually_kana = {s for (s,) in con.execute("SELECT sid FROM misc WHERE text = 'word usually written using kana alone'")}
-    gloss: dict[int, str] = {}
-    for sid, text in con.execute("SELECT sid, text FROM SenseGloss WHERE lang = 'eng' ORDER BY rowid"):
-        gloss.setdefault(sid, text)
-    con.close()
-    ids = sorted((i for i in first_sense if first_sense[i] in gloss and rank.get(i, (9, 99))[0] < 9),
-                 key=lambda i: (rank[i], i))
-    out = []
-    for i in ids[:limit]:
-        sid = first_sense[i]
-        if sid in usually_kana or i not in kanji:
-            forms = kana[i]
-        else:
-            forms = [k for k in kanji[i] if (i, k) in form_pri] or kanji[i]
-        en = gloss[sid]
-        while "(" in en and ")" in en:  # drop "(...)" notes, nested ones too: "dog (Canis (lupus) familiaris)"
-            en, n = re.subn(r"\s*\([^()]*\)", "", en)
-            if not n:
-                break
-        out.append((normalize_text(forms[0]), re.sub(r"^to ", "", en.strip())))
-    return out
+    def forever():
+        for epoch in count():
+            rng = random.Random(f"{seed}/{epoch}")
+            order = (corpus[i] for i in np.random.default_rng([seed, epoch]).permutation(len(corpus))) \
+                if isinstance(corpus, list) else iter(corpus)
+            seen = False
+            for pair in order:
+                while extra and rng.random() < extra_share:
+                    yield rng.choice(extra)
+                seen = True
+                yield pair
+            if not seen:
+                raise ValueError("the training split is empty: check data.pairs and the split fractions")
+
+    return islice(forever(), start, None)

@@ -10,35 +10,35 @@ match position i of the teacher although the two sentences do not align token by
 lengths): under causal attention position i summarises the sentence *so far*, so only the positions at and after
 both EOS tokens, which have seen the whole sentence, have a meaning both sides share.
 
-Measuring closeness honestly needs two precautions (../shared/calibration-tiny.md): raw pooled cosines are dominated
-by a component every sentence shares (two unrelated English sentences score ~0.74 through the tiny teacher), so
-cosines are taken after subtracting the teacher's mean output; and matched pairs are compared against mismatched
-ones, with retrieval among pools of 100 pairs (chance 1 %).
+Measuring closeness honestly needs two precautions: raw pooled cosines are dominated by a component every sentence
+shares (unrelated English sentences score high cosines through a random teacher), so cosines are taken after
+subtracting the teacher's mean output; and matched pairs are compared against mismatched ones, with retrieval among
+pools of 100 pairs (chance 1 %).
 
-Read top to bottom (the targets, loss and metrics themselves live in ``targets.py``, shared with stage 2):
-1. the held-out set, 2. students and teachers, 3. the training stream, 4. checkpoints, 5. the trainer (on
-``accelerate``: one process, several GPUs or nodes with ``accelerate launch`` and no code change), 6. saving the
-students as diffusers components. It does not assemble pipelines (stage 4,
-``assembly.py``) or pick the starting rows (stage 2, ``embedding_init.py``).
+Read top to bottom (the targets, loss and metrics themselves live in ``targets.py``, shared with stage 2; the
+seeded pair stream in ``data.TrainingPairs``): 1. the held-out set, 2. students and teachers, 3. batches,
+4. checkpoints, 5. the trainer (on ``accelerate``: one process, several GPUs or nodes with ``accelerate launch`` and
+no code change), 6. the stage as one call (``prepare``, ``distil``, ``run``), 7. saving the students as diffusers
+components. It does not assemble pipelines (stage 4, ``assembly.py``) or pick the starting rows (stage 2,
+``embedding_init.py``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import random
 import re
 import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from itertools import count, islice
+from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .runs import atomic_path, write_json
+from .core.runs import atomic_path, write_json
+from .data import TrainingPairs
 from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
     TARGETS, Outputs, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms, pool_retrieval,
     positions_needed, token_ids, weighted_loss)
@@ -134,7 +134,7 @@ def load_teachers(profile, cache: bool | None = None) -> Teachers:
     the VAE are not loaded), in the profile's dtype, on its device."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .hub import resolve_profile
+    from .core.models import resolve_profile
 
     profile.check_device()
     folder = resolve_profile(profile)["SDXL base"]
@@ -176,39 +176,7 @@ def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "s
 
 
 # -----------------------------------------------------------------------------
-# 3. the training stream
-
-
-def training_pairs(splits, shapes_share: float = 0.0) -> tuple[list | object, list]:
-    """(corpus, shapes captions) for training: the corpus's training split and, with ``shapes_share`` > 0, the shapes
-    world's *training* caption pairs (its held-out combinations and phrasings stay out: stage 4 tests on them)."""
-    from .shapes import caption_pairs
-
-    return splits.train, (caption_pairs("train") if shapes_share > 0 else [])
-
-
-def pair_stream(corpus, shapes: list, shapes_share: float, seed: int, start: int = 0):
-    """The training sequence from item ``start`` on, the same on every run with the same seed.
-
-    A list corpus is reshuffled each epoch (seeded by seed and epoch); a streamed one is read in its order. Shapes
-    captions are interleaved so that they make up ``shapes_share`` of the items. Resuming skips ``start`` items of
-    the same sequence, so a resumed run sees exactly the pairs the uninterrupted one would have.
-    """
-    def forever():
-        for epoch in count():
-            rng = random.Random(f"{seed}/{epoch}")
-            order = (corpus[i] for i in np.random.default_rng([seed, epoch]).permutation(len(corpus))) \
-                if isinstance(corpus, list) else iter(corpus)
-            seen = False
-            for pair in order:
-                while shapes and rng.random() < shapes_share:
-                    yield rng.choice(shapes)
-                seen = True
-                yield pair
-            if not seen:
-                raise ValueError("the training split is empty: check data.pairs and the split fractions")
-
-    return islice(forever(), start, None)
+# 3. batches
 
 
 def batches(stream, global_batch: int, rank: int, world: int, streamed: bool):
@@ -315,10 +283,92 @@ def _write_log(folder: Path, log: list[dict]) -> None:
             writer.writerows(log)
 
 
-def train(teachers: Teachers, students: Students, splits, held_out: HeldOut, cfg, seed: int = 0,
+def _prepare_students(students: Students, cfg) -> None:
+    """What trains and how: the unread layers frozen, only the rows on ``train = "embeddings"``, and activation
+    checkpointing (recompute in the backward pass instead of storing: the small-card setting)."""
+    students.freeze_unread()
+    if cfg.train == "embeddings":  # small cards: only the rows learn; the transformer stays the teacher's
+        students.requires_grad_(False)
+        for p in students.embeddings():
+            p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        for te in (students.text_encoder, students.text_encoder_2):
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _resume(accelerator, folder: Path | None, cfg, seed: int) -> tuple[int, list[dict], int | None]:
+    """(step, log, resumed_from) from the newest checkpoint in ``folder``, or a fresh start. accelerate's
+    ``load_state`` restores model, optimiser, scheduler and every RNG, which is what makes a resumed run bit-exact."""
+    ckpt = latest_checkpoint(folder) if folder else None
+    if ckpt is None:
+        return 0, [], None
+    accelerator.load_state(str(ckpt))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state["batch_size"] != cfg.batch_size or state["seed"] != seed:
+        raise ValueError(f"{ckpt} was written with batch_size {state['batch_size']} and seed {state['seed']}; "
+                         f"this run has {cfg.batch_size} and {seed}. Resume with the same settings, or pass "
+                         f"resume=False (--fresh) to start over.")
+    return state["step"], state["log"], state["step"]
+
+
+def _save_checkpoint(accelerator, folder: Path | None, step: int, cfg, seed: int, log: list[dict]) -> None:
+    """``folder/checkpoints/step-NNNNNNN`` via accelerate's ``save_state``, written under a temporary name and
+    renamed only once complete (an atomic write: a reader never sees half a checkpoint); older ones pruned."""
+    if folder is None:
+        return
+    dest = folder / "checkpoints" / f"step-{step:07d}"
+    tmp = dest.with_name(f".{dest.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / "trainer_state.json", {"step": step, "batch_size": cfg.batch_size, "seed": seed,
+                                                 "pairs_seen": step * cfg.batch_size, "log": log})
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        for old in sorted(p for p in dest.parent.glob("step-*") if _CKPT.fullmatch(p.name))[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        _write_log(folder, log)
+    accelerator.wait_for_everyone()
+
+
+def _loss_positions(accelerator, students: Students, teachers: Teachers, ids_1, en: list[str], cfg):
+    """(n, masks): how many of the 77 positions this batch computes, and which of them the loss reads.
+
+    With ``pad_positions``, a causal student stops after the batch's last EOS (either language) + n pads: the outputs
+    there are exactly the 77-position ones. ``n`` is one length for the whole global batch (a max over processes
+    with ``gather``), so the loss is the mean over the same positions one process with the whole batch would take.
+    """
+    trim = cfg.pad_positions is not None and cfg.causal  # a non-causal student's every output reads all 77
+    n, masks = ids_1.shape[1], None
+    if not (trim or cfg.positions == "after_eos"):
+        return n, masks
+    eos = (ids_1, token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id, teachers.tokenizer.eos_token_id)
+    if trim:
+        n = positions_needed(*eos, cfg.pad_positions)
+        if accelerator.num_processes > 1:
+            n = int(accelerator.gather(torch.tensor([n], device=accelerator.device)).max())
+    if cfg.positions == "after_eos":
+        masks = after_both_eos(*eos)[:, :n]
+    return n, masks
+
+
+def _non_finite(reduced: torch.Tensor, step: int, folder: Path | None) -> NonFiniteLoss:
+    last = latest_checkpoint(folder) if folder else None
+    return NonFiniteLoss(
+        f"the training loss became {reduced.sum().item()} at step {step + 1}: training stopped. "
+        + (f"The last good checkpoint is kept: {last}. " if last else "No checkpoint was written yet. ")
+        + "Lower distill.lr (or embedding_lr), add warmup_steps, or use mixed_precision = 'bf16' "
+          "instead of 'fp16'; then resume.")
+
+
+def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg, seed: int = 0,
           folder: str | Path | None = None, resume: bool = True, progress: bool = True, stop_after: int | None = None,
           log_every: int = 10) -> Run:
-    """Distil ``teachers`` into ``students`` for ``cfg.steps`` optimiser steps (``cfg``: a profile's ``distill``).
+    """Distil ``teachers`` into ``students`` for ``cfg.steps`` optimiser steps on ``pairs`` (a
+    ``data.TrainingPairs``; ``cfg``: a profile's ``distill`` section).
 
     With ``folder``, checkpoints go to ``folder/checkpoints/step-NNNNNNN`` every ``checkpoint_every`` steps and at
     the end (model, optimiser, scheduler, RNG states, data position: a killed run, started again with
@@ -334,64 +384,22 @@ def train(teachers: Teachers, students: Students, splits, held_out: HeldOut, cfg
         raise ValueError(f"distill.batch_size = {cfg.batch_size} must split evenly over {world} process(es) x "
                          f"{cfg.grad_accum} accumulation step(s)")
     set_seed(seed)
-    students.freeze_unread()
-    if cfg.train == "embeddings":  # small cards: only the rows learn; the transformer stays the teacher's
-        students.requires_grad_(False)
-        for p in students.embeddings():
-            p.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        for te in (students.text_encoder, students.text_encoder_2):
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _prepare_students(students, cfg)
     students.to(device)
     optimizer = _optimizer(students, cfg, device)
     scheduler = _scheduler(optimizer, cfg)
     model, optimizer = accelerator.prepare(students, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-
     folder = Path(folder) if folder else None
-    step, log, resumed_from = 0, [], None
-    ckpt = latest_checkpoint(folder) if folder and resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        step, log, resumed_from = state["step"], state["log"], state["step"]
-        if state["batch_size"] != cfg.batch_size or state["seed"] != seed:
-            raise ValueError(f"{ckpt} was written with batch_size {state['batch_size']} and seed {state['seed']}; "
-                             f"this run has {cfg.batch_size} and {seed}. Resume with the same settings, or pass "
-                             f"resume=False (--fresh) to start over.")
+    step, log, resumed_from = _resume(accelerator, folder, cfg, seed) if resume else (0, [], None)
     before = log[0] if log else {"step": 0, **{f"eval_{k}": v for k, v in held_out.measure(students).items()}}
     if not log:
         log.append(before)
 
-    corpus, shapes = training_pairs(splits, cfg.shapes_share)
-    streamed = not isinstance(corpus, list)
-    if streamed and world > 1:
-        corpus = corpus.sharded(rank, world)
-    per_process = step * cfg.batch_size // (world if streamed else 1)
-    stream = pair_stream(corpus, shapes, cfg.shapes_share, seed, start=per_process)
+    # the data position is part of the state: a resumed run skips exactly the pairs it has seen
+    start = step * cfg.batch_size // (world if pairs.streamed else 1)
+    stream = pairs.stream(start, rank, world)
     micro = cfg.batch_size // world // cfg.grad_accum
-    weights = dict(cfg.loss_weights)
-
-    def save(at_step: int) -> None:
-        if folder is None:
-            return
-        dest = folder / "checkpoints" / f"step-{at_step:07d}"
-        tmp = dest.with_name(f".{dest.name}.partial")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # complete before it gets its name: a reader never sees half a checkpoint
-            write_json(tmp / "trainer_state.json", {"step": at_step, "batch_size": cfg.batch_size, "seed": seed,
-                                                     "pairs_seen": at_step * cfg.batch_size, "log": log})
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
-            for old in sorted(p for p in dest.parent.glob("step-*") if _CKPT.fullmatch(p.name))[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            _write_log(folder, log)
-        accelerator.wait_for_everyone()
-
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # at most one refresh a second: in a notebook every refresh is a widget message, and a long cell's burst of
@@ -400,45 +408,28 @@ def train(teachers: Teachers, students: Students, splits, held_out: HeldOut, cfg
                disable=not progress or not accelerator.is_main_process)
     started, first_step = time.perf_counter(), step
     model.train()
-    for batch in batches(stream, cfg.batch_size, rank, world, streamed):
+    for batch in batches(stream, cfg.batch_size, rank, world, pairs.streamed):
         if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
             break
-        totals = dict.fromkeys(TARGETS, 0.0)
         ja, en = [p[0] for p in batch], [p[1] for p in batch]
         ids_1, ids_2 = token_ids(students.tokenizer, ja), token_ids(students.tokenizer_2, ja)
-        trim = cfg.pad_positions is not None and cfg.causal  # a non-causal student's every output reads all 77
-        n, masks = ids_1.shape[1], None
-        if trim or cfg.positions == "after_eos":  # both need where each side's sentence ends
-            eos = (ids_1, token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id,
-                   teachers.tokenizer.eos_token_id)
-        if trim:
-            # one length for the whole global batch (every micro-batch, every process): the loss stays the mean
-            # over the same positions as one process with the whole batch would take
-            n = positions_needed(*eos, cfg.pad_positions)
-            n = int(accelerator.gather(torch.tensor([n], device=device)).max()) if world > 1 else n
-        if cfg.positions == "after_eos":
-            masks = after_both_eos(*eos)[:, :n]
-        for m in range(cfg.grad_accum):
+        n, masks = _loss_positions(accelerator, students, teachers, ids_1, en, cfg)
+        totals = dict.fromkeys(TARGETS, 0.0)
+        for m in range(cfg.grad_accum):  # micro-batches: gradients add up, DDP syncs only on the last one
             part = slice(m * micro, (m + 1) * micro)
             target = teachers.targets(en[part], device).first(n)
-            ids = ids_1[part, :n], ids_2[part, :n]
             mask = masks[part].to(device) if masks is not None else None
             sync = nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                h1, h2, pooled = model(*ids)
+                h1, h2, pooled = model(ids_1[part, :n], ids_2[part, :n])
                 terms = loss_terms(Outputs(h1, h2, pooled), target, mask)
-                loss = weighted_loss(terms, weights) / cfg.grad_accum
+                loss = weighted_loss(terms, cfg.loss_weights) / cfg.grad_accum
             accelerator.backward(loss)
             for t in TARGETS:
                 totals[t] += float(terms[t].detach()) / cfg.grad_accum
         reduced = accelerator.reduce(torch.tensor([totals[t] for t in TARGETS], device=device), "mean")
         if not torch.isfinite(reduced).all():
-            last = latest_checkpoint(folder) if folder else None
-            raise NonFiniteLoss(
-                f"the training loss became {reduced.sum().item()} at step {step + 1}: training stopped. "
-                + (f"The last good checkpoint is kept: {last}. " if last else "No checkpoint was written yet. ")
-                + "Lower distill.lr (or embedding_lr), add warmup_steps, or use mixed_precision = 'bf16' "
-                  "instead of 'fp16'; then resume.")
+            raise _non_finite(reduced, step, folder)
         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -453,52 +444,61 @@ def train(teachers: Teachers, students: Students, splits, held_out: HeldOut, cfg
         if step % log_every == 0 or "eval_loss" in row:
             log.append(row)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save(step)
+            _save_checkpoint(accelerator, folder, step, cfg, seed, log)
     bar.close()
     seconds = time.perf_counter() - started
     after = next((r for r in reversed(log) if "eval_loss" in r), before)
-    report = splits.report
     return Run(students=accelerator.unwrap_model(model), log=log, before=_eval_part(before), after=_eval_part(after),
                steps=step, seconds=seconds,
                samples_per_second=(step - first_step) * cfg.batch_size / seconds if seconds > 0 else float("nan"),
                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-               bad_lines=str(report), resumed_from=resumed_from, folder=folder)
+               bad_lines=str(pairs.report), resumed_from=resumed_from, folder=folder)
 
 
 def _eval_part(row: dict) -> dict:
     return {k.removeprefix("eval_"): v for k, v in row.items() if k.startswith("eval_")}
 
 
+# -----------------------------------------------------------------------------
+# 6. the stage as one call
+
+
 @dataclass
 class Setup:
-    """Everything a stage-3 run reads, loaded once: data splits, Japanese tokenizers, teachers, held-out set,
-    stage 2's mapping (None if notebook 02 has not run)."""
+    """Everything a stage-3 run reads, loaded once: data splits, the extra pairs mixed into training (the shapes
+    world's training captions), Japanese tokenizers, teachers, held-out set, and stage 2's mapping (None if stage 2
+    has not run: only the ``mean`` and ``random`` starts work without it)."""
 
     profile: object
     splits: object
+    extra_pairs: list
     tokenizer: object
     tokenizer_2: object
     teachers: Teachers
     held_out: HeldOut
     mapping: object = None
 
+    def pairs(self, share: float) -> TrainingPairs:
+        """The training stream: the training split with ``share`` of the items drawn from ``extra_pairs``."""
+        return TrainingPairs(self.splits.train, self.extra_pairs, share, self.profile.seed, self.splits.report)
 
-def prepare(profile, mapping_path: str | Path | None = None) -> Setup:
-    """Load what ``distil`` needs for ``profile``: the held-out set is ``distill.eval_pairs`` test pairs, and the
-    teacher's mean output is taken over 5,000 randomly drawn training sentences."""
-    from .data import load_pairs, sample, take
-    from .embedding_init import load_mapping
+
+def prepare(profile) -> Setup:
+    """Load what ``distil`` needs for ``profile``: the held-out set is ``distill.eval_pairs`` test pairs, the
+    teacher's mean output is taken over 5,000 randomly drawn training sentences, and the extra pairs are the shapes
+    world's *training* captions (its held-out combinations and phrasings stay out: stage 4 tests on them)."""
+    from .data import japanese_side, load_pairs, sample, take
+    from .embedding_init import stage_mapping
+    from .shapes.world import caption_pairs
     from .tokenization import japanese_tokenizers
 
     splits = load_pairs(profile)
-    tok, tok_2 = japanese_tokenizers(profile, None if splits.streamed else [ja for ja, _ in splits.train])
+    tok, tok_2 = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
     teachers = load_teachers(profile)
     held_out = HeldOut.build(teachers, take(splits.test, profile.distill.eval_pairs),
                              [en for _, en in sample(splits.train, 5000, profile.seed)])
-    mapping = None
-    if mapping_path is not None and Path(mapping_path).exists():
-        mapping, _ = load_mapping(mapping_path)
-    return Setup(profile, splits, tok, tok_2, teachers, held_out, mapping)
+    return Setup(profile, splits, caption_pairs("train"), tok, tok_2, teachers, held_out,
+                 stage_mapping(profile, required=False))
 
 
 def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, progress: bool = True,
@@ -507,14 +507,33 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
     (``init="mean"``, ``steps=150``, ``causal=False``, ...)."""
     import dataclasses
 
+    from .core.runs import require
+
     p = setup.profile
     cfg = dataclasses.replace(p.distill, **overrides)
     strategy = cfg.init or p.init.strategy
+    if setup.mapping is None and strategy not in ("mean", "random"):
+        require(p, "init", "mapping.pt")  # raises: says to run `jpsdxl init`
     students = make_students(setup.teachers, setup.tokenizer, setup.tokenizer_2, strategy, setup.mapping,
                              causal=cfg.causal, seed=p.seed, top_k=p.init.top_k, temperature=p.init.temperature,
                              threshold=p.init.threshold)
-    return train(setup.teachers, students, setup.splits, setup.held_out, cfg, seed=p.seed, folder=folder,
-                 resume=resume, progress=progress, stop_after=stop_after)
+    return train(setup.teachers, students, setup.pairs(cfg.shapes_share), setup.held_out, cfg, seed=p.seed,
+                 folder=folder, resume=resume, progress=progress, stop_after=stop_after)
+
+
+def run(profile, out: str | Path | None = None, resume: bool = True, progress: bool = True, **overrides) -> Run:
+    """Stage 3 (``jpsdxl distill``): train on the profile's data from stage 2's starting rows, resuming from the
+    newest checkpoint in ``out`` (default ``runs/<profile>/03_distillation``) unless ``resume=False``, and save
+    the students there as diffusers components (main process only, under ``accelerate launch``)."""
+    from accelerate import PartialState
+
+    from .core.runs import stage_dir
+
+    out = Path(out).resolve() if out else stage_dir(profile, "distill")
+    result = distil(prepare(profile), out, resume=resume, progress=progress, **overrides)
+    if PartialState().is_main_process:
+        save_students(result.students, out)
+    return result
 
 
 def summary(run: Run) -> dict:
@@ -536,74 +555,15 @@ def compare(setup: Setup, variants: dict[str, dict], steps: int, progress: bool 
             for name, overrides in tqdm(variants.items(), desc="runs", disable=not progress)}
 
 
-def pair_view(setup: Setup, n: int = 5) -> list[dict]:
-    """What the two sides of a training pair look like to their encoders: tokens and where EOS falls."""
-    from .data import take
-
-    rows = []
-    for ja, en in take(setup.splits.train, n):
-        ja_tokens = setup.tokenizer.tokenize(ja)
-        en_tokens = setup.teachers.tokenizer.tokenize(en)
-        rows.append({"Japanese (student reads)": ja, "English (teacher reads)": en,
-                     "JA tokens": " ".join(ja_tokens), "EN tokens": " ".join(en_tokens),
-                     "JA EOS at": len(ja_tokens) + 1, "EN EOS at": len(en_tokens) + 1})
-    return rows
-
-
-def training_flops_per_sample(text_encoder, text_encoder_2, tokens: int = 77) -> dict:
-    """Model FLOPs of one training pair: 6 x student parameters x tokens (forward and backward) plus
-    2 x teacher parameters x tokens (the teacher's forward); the students have the teachers' sizes up to the
-    embedding rows, which are lookups and cost no multiply-adds (so they are left out of both)."""
-    def dense(te):
-        return sum(p.numel() for n, p in te.named_parameters() if "embeddings" not in n)
-
-    params = dense(text_encoder) + dense(text_encoder_2)
-    return {"dense_parameters": params, "flops_per_pair": (6 + 2) * params * tokens}
-
-
-def recipe_flops_per_pair(recipe: str = "sdxl") -> dict:
-    """``training_flops_per_sample`` for a zoo recipe's text encoders, built on the meta device (no memory)."""
-    from .zoo import build_components
-
-    with torch.device("meta"):
-        parts = build_components(recipe, scheduler=False)
-    return training_flops_per_sample(parts["text_encoder"], parts["text_encoder_2"])
-
-
-BENCHMARK_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "distillation_speed.json"
-
-
-def measured_gpu_rows(path: str | Path = BENCHMARK_RESULTS) -> list[dict]:
-    """The GPU rows that ``benchmarks/distillation_speed.py`` measured and saved (none until it has run on a GPU)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = json.loads(path.read_text(encoding="utf-8"))
-    return [{"where": f"{r['device']}, {r['profile']}, {r['settings']}", "pairs_per_second": r["pairs_per_second"],
-             "peak GiB": r.get("peak_memory_gib")} for r in rows if r.get("device", "cpu") != "cpu"]
-
-
-def cost_rows(measured: list[dict], flops_per_pair: float, pairs: int = 41_376_862, gpus=(1, 8)) -> list[dict]:
-    """Hours for ``pairs`` training pairs (default: the card's 28,155,494 WMT23 + 13,221,368 caption pairs, one
-    epoch) at each *measured* throughput (rows of ``{"where", "pairs_per_second", ...}``), scaled linearly to
-    several GPUs (an upper bound: data-parallel scaling is rarely perfect)."""
-    out = []
-    for row in measured:
-        rate = row["pairs_per_second"]
-        out.append({**row, "TFLOP/s (model)": round(rate * flops_per_pair / 1e12, 3),
-                    **{f"hours for {pairs / 1e6:.1f}M pairs on {g}": round(pairs / rate / g / 3600, 1) for g in gpus}})
-    return out
-
-
 # -----------------------------------------------------------------------------
-# 6. the students as diffusers components
+# 7. the students as diffusers components
 
 
 def save_students(students: Students, folder: str | Path) -> Path:
     """``folder/{text_encoder,text_encoder_2,tokenizer,tokenizer_2}``: what stage 4 puts into the pipelines, each
     loadable with ``from_pretrained`` (safetensors), each written atomically."""
     folder = Path(folder)
-    from .runs import quiet_hf_progress
+    from .core.runs import quiet_hf_progress
 
     for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         with atomic_path(folder / name) as tmp, quiet_hf_progress():

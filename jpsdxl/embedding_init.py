@@ -27,9 +27,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .clip_tokenizer import token_bytes
+from .core.clip_tokenizer import token_bytes
 from .encoders import japanese_copy
-from .runs import atomic_path, cache_dir
+from .core.runs import atomic_path, cache_dir
 from .tokenization import CONTROL_PIECE
 
 
@@ -126,7 +126,7 @@ class SentenceTransformerEmbedder(Embedder):
     def __init__(self, model: str, prefix: str = "query: ", device: str | None = None, batch_size: int = 256):
         from sentence_transformers import SentenceTransformer
 
-        from .hub import resolve
+        from .core.models import resolve
 
         folder = resolve(model, "embedder", kind="sentence-transformers")
         self.model = SentenceTransformer(str(folder), device=device)
@@ -411,3 +411,41 @@ def best_score_by_script(mapping: Mapping) -> dict[str, np.ndarray]:
     for text, score in zip(mapping.ja.texts, mapping.scores[:, 0].tolist()):
         groups.setdefault(script_of(text), []).append(score)
     return {k: np.array(v) for k, v in sorted(groups.items())}
+
+
+# -----------------------------------------------------------------------------
+# 7. stage 2 as one call, and its output as the next stage reads it
+
+
+def run(profile, progress: bool = True) -> Mapping:
+    """Stage 2 (``jpsdxl init``): embed the Japanese vocabulary and the profile's English candidates
+    (``init.candidates``) with its embedder, find each piece's ``init.top_k`` nearest English tokens, and write
+    ``mapping.pt`` / ``mapping.tsv`` to ``runs/<profile>/02_embedding_init/``. Reads tokenizers only: no model."""
+    from .core.runs import stage_dir
+    from .data import japanese_side, load_pairs
+    from .tokenization import japanese_tokenizers, sdxl_tokenizers
+
+    cfg = profile.init
+    splits = load_pairs(profile)
+    ja_tok, _ = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
+    clip_tok, _ = sdxl_tokenizers(profile)
+    ja, en = japanese_vocab(ja_tok), clip_vocab(clip_tok, cfg.candidates)
+    embedder = make_embedder(cfg.embedder)
+    mapping = build_mapping(ja, en, embed_vocab(embedder, ja, progress), embed_vocab(embedder, en, progress),
+                            k=cfg.top_k, chunk=cfg.chunk)
+    save_mapping(mapping, stage_dir(profile, "init"), embedder=cfg.embedder, candidates=cfg.candidates)
+    return mapping
+
+
+def stage_mapping(profile, required: bool = True) -> Mapping | None:
+    """Stage 2's mapping for ``profile`` as ``run`` (or notebook 02) saved it. Missing: an error that says to run
+    ``jpsdxl init``, or ``None`` when not ``required``."""
+    from .core.runs import StageOutputMissing, require
+
+    try:
+        folder = require(profile, "init", "mapping.pt")
+    except StageOutputMissing:
+        if required:
+            raise
+        return None
+    return load_mapping(folder / "mapping.pt")[0]

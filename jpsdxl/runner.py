@@ -15,11 +15,20 @@ import os
 import time
 from pathlib import Path
 
-from .hub import is_offline, resolve_profile
-from .profiles import load_profile
-from .runs import REPO_ROOT, load_metrics, runs_dir, write_json
+from .core.hub import is_offline
+from .core.models import resolve_profile
+from .core.profiles import load_profile
+from .core.runs import load_metrics, runs_dir, write_json
+from .core.runs import runs_root as default_runs_root
 
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+def _notebook_dir() -> Path:
+    """The checkout's ``notebooks/``; in an installed (non-editable) package, the copy shipped inside it."""
+    checkout = Path(__file__).resolve().parents[1] / "notebooks"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "tutorial"
+
+
+NOTEBOOK_DIR = _notebook_dir()
 
 
 class NotebookFailed(RuntimeError):
@@ -59,15 +68,13 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
     ``summary.json`` is merged: a run of some notebooks replaces their entries and keeps the others'.
     """
     try:
-        import papermill
+        import papermill  # noqa: F401
     except ModuleNotFoundError:
         raise ModuleNotFoundError("running the notebooks needs the notebooks extra: pip install -e '.[notebooks]' "
                                   "(make tutorial installs it)") from None
-    from tqdm.auto import tqdm
-
     if str(profile).endswith(".toml"):
         profile = _caller_path(profile)
-    runs_root = _caller_path(runs_root)
+    root = Path(_caller_path(runs_root) or default_runs_root())
     loaded = load_profile(profile)  # fail early on a bad profile, before any kernel starts
     loaded.check_device()
     if is_offline():
@@ -76,9 +83,25 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
     todo = notebooks(notebook_dir, only)
     if not todo:
         raise FileNotFoundError(f"No notebooks matching {only or 'NN_*.ipynb'} in {notebook_dir}")
+    # the kernels inherit it: every stage a notebook reads or writes resolves under the same root
+    previous, os.environ["JPSDXL_RUNS"] = os.environ.get("JPSDXL_RUNS"), str(root)
+    try:
+        summary = _run_all(todo, profile, name, root, html, progress)
+    finally:
+        if previous is None:
+            os.environ.pop("JPSDXL_RUNS", None)
+        else:
+            os.environ["JPSDXL_RUNS"] = previous
+    return summary
+
+
+def _run_all(todo: list[Path], profile: str, name: str, root: Path, html: bool, progress: bool) -> list[dict]:
+    import papermill
+    from tqdm.auto import tqdm
+
     summary = []
     for nb in tqdm(todo, desc=f"notebooks ({name})", disable=not progress):
-        out_dir = runs_dir(name, nb.stem, runs_root)
+        out_dir = runs_dir(name, nb.stem, root)
         (out_dir / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's
         executed = out_dir / nb.name
         start = time.perf_counter()
@@ -100,7 +123,7 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
             raise NotebookFailed(f"{nb.name} ran but saved no metrics.json in {out_dir}")
         summary.append({"notebook": nb.stem, "seconds": seconds, "executed": str(executed), "metrics": metrics})
         tqdm.write(f"{nb.stem}: {seconds:.1f} s")
-    write_summary(runs_dir(name, root=runs_root) / "summary.json", name, summary)
+    write_summary(runs_dir(name, root=root) / "summary.json", name, summary)
     return summary
 
 

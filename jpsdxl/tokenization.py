@@ -2,7 +2,7 @@
 
 The Japanese tokenizer is a sentencepiece model (trained locally on ``tiny``; LINE's 51k-piece ``spiece.model``
 on ``full``) rebuilt as a ``tokenizers`` Unigram inside a transformers fast tokenizer, laid out like SDXL's
-(see ``clip_tokenizer.py``): BOS, text, EOS, padding to 77, truncation on the right that keeps EOS. Two
+(see ``core/clip_tokenizer.py``): BOS, text, EOS, padding to 77, truncation on the right that keeps EOS. Two
 variants mirror SDXL's pair: ``tokenizer`` pads with EOS, ``tokenizer_2`` with ``<pad>``. They load with
 ``from_pretrained`` and drop into ``StableDiffusionXLPipeline(tokenizer=..., tokenizer_2=...)`` unchanged.
 That layout is this tutorial's design (a departure: the SD-XL 1.0-jp card does not describe one).
@@ -12,7 +12,7 @@ Why rebuild instead of ``T5Tokenizer(vocab_file=...)``: in transformers 5 that r
 
 Also here: ``encode_prompts``, the one way prompts become ids, with warnings for what a prompt loses (tokens past
 77, characters the vocabulary lacks). This file does not touch model weights (``encoders.py``), build SDXL's own
-tokenizers (``clip_tokenizer.py``) or make notebook tables (``tokenizer_tables.py``).
+tokenizers (``core/clip_tokenizer.py``) or make notebook tables (``notebook/tables.py``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import re
 import unicodedata
 import warnings
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
-from .clip_tokenizer import CLIP_BOS, CLIP_EOS, MAX_LENGTH
-from .runs import atomic_path, cache_dir
+from .core.clip_tokenizer import CLIP_BOS, CLIP_EOS, MAX_LENGTH
+from .core.runs import atomic_path, cache_dir
 
 FAST_LAYOUT_VERSION = 3  # bump when sentencepiece_to_fast changes, so cached fast tokenizers are rebuilt
 # Names of the Japanese special pieces when we train the model ourselves: CLIP's own names, so that layouts
@@ -200,10 +199,11 @@ def _specials_from_folder(folder: Path) -> dict[str, str] | None:
 
 
 def sentencepiece_model(profile, japanese_texts: Sequence[str] | None = None) -> tuple[Path, dict | None]:
-    """The profile's sentencepiece model file (trained and cached, or from a hub/local tokenizer folder)."""
+    """The profile's sentencepiece model file: trained on ``japanese_texts`` (and cached by their content), or from a
+    hub/local tokenizer folder (``tokenizer.source``; the texts are then not needed)."""
     cfg = profile.tokenizer
     if cfg.source != "sentencepiece":
-        from .hub import resolve
+        from .core.models import resolve
 
         folder = resolve(cfg.source, "Japanese tokenizer", kind="tokenizer")
         found = sorted(folder.glob("*.model"))
@@ -211,10 +211,8 @@ def sentencepiece_model(profile, japanese_texts: Sequence[str] | None = None) ->
             raise FileNotFoundError(f"{cfg.source}: no sentencepiece *.model file in {folder}")
         return found[0], _specials_from_folder(folder)
     if japanese_texts is None:
-        from .data import load_pairs
-
-        train = load_pairs(profile).train  # a list, or a stream for a streamed source: read only what we use
-        japanese_texts = [ja for ja, _ in (train if isinstance(train, list) else islice(train, cfg.train_sentences))]
+        raise ValueError("a locally trained sentencepiece needs its training sentences: pass the Japanese side of "
+                         "the training split (data.japanese_side(splits.train, profile.tokenizer.train_sentences))")
     texts = sorted(set(japanese_texts))
     random.Random(profile.seed).shuffle(texts)
     texts = texts[: cfg.train_sentences]
@@ -232,7 +230,7 @@ def sentencepiece_model(profile, japanese_texts: Sequence[str] | None = None) ->
 def japanese_tokenizers(profile, japanese_texts: Sequence[str] | None = None):
     """(tokenizer, tokenizer_2) for the profile's Japanese encoders, saved and reloaded via ``from_pretrained``.
 
-    ``japanese_texts``: training sentences for a locally trained model (default: the profile's training split).
+    ``japanese_texts``: training sentences for a locally trained model (the Japanese side of the training split).
     The cached folder's name depends only on content (model, layout version, specials, length), so two runs at
     once build the same folder.
     """
@@ -253,7 +251,7 @@ def sdxl_tokenizers(profile):
     """(tokenizer, tokenizer_2) exactly as the profile's SDXL base pipeline loads them."""
     from transformers import AutoTokenizer
 
-    from .hub import resolve
+    from .core.models import resolve
 
     base = resolve(profile.models.base, "SDXL base", variant=profile.models.variant)
     return AutoTokenizer.from_pretrained(base / "tokenizer"), AutoTokenizer.from_pretrained(base / "tokenizer_2")
@@ -369,3 +367,23 @@ def unknown_characters(tokenizer, texts: Sequence[str]) -> Counter:
 def describe_characters(chars) -> str:
     """``'😀' (U+1F600 GRINNING FACE), ...``: readable even for invisible characters."""
     return ", ".join(f"{c!r} (U+{ord(c):04X} {unicodedata.name(c, 'unnamed')})" for c in chars)
+
+
+# -----------------------------------------------------------------------------
+# stage 1 as one call
+
+
+def run(profile) -> Path:
+    """Stage 1 (``jpsdxl tokenizer``): train (or fetch) the profile's Japanese tokenizer on the Japanese side of the
+    training split and save both tokenizers, SDXL's conventions applied, to ``runs/<profile>/01_tokenizer_alignment/``
+    (``tokenizer``, ``tokenizer_2``: what stage 3 saves beside its encoders, here before any training)."""
+    from .core.runs import stage_dir
+    from .data import japanese_side, load_pairs
+
+    splits = load_pairs(profile)
+    tokenizers = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
+    folder = stage_dir(profile, "tokenizer")
+    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), tokenizers):
+        with atomic_path(folder / name) as tmp:
+            tokenizer.save_pretrained(tmp)
+    return folder

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny():
-    from jpsdxl.profiles import load_profile
+    from jpsdxl.core.profiles import load_profile
 
     return load_profile("tiny")
 

@@ -112,7 +112,7 @@ def test_hub_ids_name_the_refiner_beside_the_base():
 def test_hub_ids_resolve_base_and_refiner_through_the_hub_cache(tiny, monkeypatch, tmp_path):
     """``--model BASE,REFINER`` goes through hub.resolve (the path a real hub id takes); here both ids are answered
     from folders, as the hub cache would answer them offline."""
-    from jpsdxl import hub
+    from jpsdxl.core import hub
 
     import dataclasses
 

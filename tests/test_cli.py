@@ -37,12 +37,12 @@ def test_relative_profile_runs_and_data_paths_work_inside_the_notebooks(tmp_path
 
     import nbformat
 
-    from jpsdxl.runs import load_metrics
+    from jpsdxl.core.runs import load_metrics
 
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
     nb.cells = [nbformat.v4.new_code_cell('profile = "tiny"\nrun_dir = None', metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell(
-                    "from pathlib import Path\nfrom jpsdxl.profiles import load_profile\nfrom jpsdxl.runs import save_metrics\n"
+                    "from pathlib import Path\nfrom jpsdxl.core.profiles import load_profile\nfrom jpsdxl.core.runs import save_metrics\n"
                     "P = load_profile(profile)\n"
                     "save_metrics(run_dir, {'name': P.name, 'pairs_exist': Path(P.data.pairs).is_file()})")]
     (tmp_path / "nbs").mkdir()

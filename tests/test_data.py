@@ -143,7 +143,7 @@ def test_tatoeba(splits):
 
 def test_damaged_cached_archive_is_fetched_again(tmp_path, monkeypatch, splits):
     """An interrupted copy (truncated archive) or a damaged extracted file is noticed on use, and repaired."""
-    from jpsdxl.runs import cache_dir
+    from jpsdxl.core.runs import cache_dir
 
     good = cache_dir("pkgs") / data.TATOEBA["filename"]  # the session's real archive (the splits fixture fetched it)
     monkeypatch.setenv("JPSDXL_CACHE", str(tmp_path))
@@ -167,7 +167,9 @@ def test_download_that_does_not_match_is_rejected(tmp_path, monkeypatch):
 
 
 def test_jmdict_lexicon():
-    lexicon = data.load_jmdict_lexicon(5000)
+    from jpsdxl.lexicon import load_jmdict_lexicon
+
+    lexicon = load_jmdict_lexicon(5000)
     assert len(lexicon) == 5000
     d = dict(lexicon)
     assert d["猫"] == "cat" and d["犬"] == "dog" and d["水"] == "water"

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from jpsdxl import distillation as D
-from jpsdxl.profiles import load_profile
+from jpsdxl.data import pair_stream
+from jpsdxl.core.profiles import DistillConfig, derive, load_profile, save_profile
 
 STEPS = 6
 
@@ -32,18 +33,12 @@ def small_profile(tmp_path_factory, splits):
     lines.insert(8, "\tempty Japanese side")
     lines.append("a\tb\tc")
     (folder / "pairs.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    toml = (Path(load_profile("tiny").source).read_text(encoding="utf-8")
-            .replace('pairs = "tatoeba"', 'pairs = "pairs.tsv"\nvalid_fraction = 0.02\ntest_fraction = 0.05')
-            .replace("vocab_size = 8000", "vocab_size = 2000\ncharacter_coverage = 0.98")
-            .replace("train_sentences = 100000", "train_sentences = 3000"))
-    start = toml.index("[distill]")  # tiny's own section, replaced by a few steps of batch 8
-    toml = toml[:start] + toml[toml.index("\n[", start) + 1:]
-    toml += ("\n[distill]\nsteps = 6\nbatch_size = 8\nlr = 3e-4\nwarmup_steps = 1\n"
-             "eval_pairs = 64\neval_every = 3\ncheckpoint_every = 2\ncache_teacher = true\ninit = \"mean\"\n"
-             "shapes_share = 0.25\n")
-    path = folder / "small.toml"
-    path.write_text(toml, encoding="utf-8")
-    return load_profile(path)
+    # tiny's settings but its [distill] section, which becomes a few steps of batch 8 on the defaults
+    return derive(load_profile("tiny"), name="small",
+                  data={"pairs": str(folder / "pairs.tsv"), "valid_fraction": 0.02, "test_fraction": 0.05},
+                  tokenizer={"vocab_size": 2000, "character_coverage": 0.98, "train_sentences": 3000},
+                  distill=DistillConfig(steps=6, batch_size=8, lr=3e-4, warmup_steps=1, eval_pairs=64, eval_every=3,
+                                        checkpoint_every=2, cache_teacher=True, init="mean", shapes_share=0.25))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +112,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(setup,
 
     students.text_encoder_2.register_forward_hook(poison)
     with pytest.raises(D.NonFiniteLoss, match=r"became nan at step \d.*last good checkpoint is kept: .*step-0000002"):
-        D.train(setup.teachers, students, setup.splits, setup.held_out, setup.profile.distill, folder=tmp_path,
+        D.train(setup.teachers, students, setup.pairs(0.0), setup.held_out, setup.profile.distill, folder=tmp_path,
                 progress=False)
     good = D.latest_checkpoint(tmp_path)
     assert good.name == "step-0000002"
@@ -152,8 +147,8 @@ def test_saved_folders_load_with_from_pretrained(straight, tmp_path):
 def test_two_processes_through_accelerate_launch_give_the_same_loss(small_profile, tmp_path):
     """The same global batch over 2 CPU processes (gloo) as over 1: the same losses, the same weights; with
     pad_positions too (the processes agree on one length per step)."""
-    profile = Path(small_profile.source).with_name("small_pad.toml")  # beside its data; [distill] is its last section
-    profile.write_text(Path(small_profile.source).read_text(encoding="utf-8") + "pad_positions = 0\n", encoding="utf-8")
+    profile = save_profile(derive(small_profile, name="small_pad", distill={"pad_positions": 0}),
+                           tmp_path / "small_pad.toml")  # a file: the launched processes read --profile FILE
 
     def launch(n, out):
         # --multi_gpu is accelerate's launcher for N local processes (torch.distributed.run); on a machine without
@@ -192,11 +187,11 @@ def test_processes_split_each_global_batch_without_overlap():
 def test_pair_stream_is_seeded_resumable_and_mixes_in_shapes():
     corpus = [(f"ja{i}", f"en{i}") for i in range(1000)]
     shapes = [("赤い丸", "a red circle")]
-    first = list(islice(D.pair_stream(corpus, shapes, 0.2, seed=1), 3000))
-    assert list(islice(D.pair_stream(corpus, shapes, 0.2, seed=1, start=1234), 100)) == first[1234:1334]
+    first = list(islice(pair_stream(corpus, shapes, 0.2, seed=1), 3000))
+    assert list(islice(pair_stream(corpus, shapes, 0.2, seed=1, start=1234), 100)) == first[1234:1334]
     share = sum(p == shapes[0] for p in first) / len(first)
     assert 0.17 < share < 0.23
-    other = list(islice(D.pair_stream(corpus, shapes, 0.2, seed=2), 3000))
+    other = list(islice(pair_stream(corpus, shapes, 0.2, seed=2), 3000))
     assert other != first
     assert set(p for p in first[:1500] if p != shapes[0]) <= set(corpus)
 

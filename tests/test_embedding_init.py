@@ -11,7 +11,7 @@ from jpsdxl import encoders
 
 @pytest.fixture(scope="module")
 def clip():
-    from jpsdxl.clip_tokenizer import build_sdxl_clip_tokenizers
+    from jpsdxl.core.clip_tokenizer import build_sdxl_clip_tokenizers
 
     return build_sdxl_clip_tokenizers()[0]
 

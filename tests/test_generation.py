@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from jpsdxl import encoders, generation
+from jpsdxl.notebook import measure
 
 
 def test_base_to_refiner_hand_off(tiny, pipelines):
@@ -80,7 +81,7 @@ def test_speedups_change_the_layout_not_the_images(tiny):
     base, refiner = generation.load_pipelines(tiny)
     before, _ = generation.generate(tiny, base, refiner, ["a red circle", "a blue square"], steps=6, output_type="np")
     for name in ("channels last", "fused QKV projections"):
-        generation.apply_speedup(base, refiner, name)
+        measure.apply_speedup(base, refiner, name)
     assert base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert refiner.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert all("Fused" in type(p).__name__ for p in base.unet.attn_processors.values())
@@ -88,12 +89,12 @@ def test_speedups_change_the_layout_not_the_images(tiny):
     after, _ = generation.generate(tiny, base, refiner, ["a red circle", "a blue square"], steps=6, output_type="np")
     np.testing.assert_allclose(after, before, atol=1e-4)
     with pytest.raises(ValueError, match="unknown speed-up"):
-        generation.apply_speedup(base, refiner, "warp drive")
+        measure.apply_speedup(base, refiner, "warp drive")
 
 
 def test_card_settings_put_the_refiner_in_bfloat16_under_autocast(tiny):
     base, refiner = generation.load_pipelines(tiny)
-    with generation.card_settings(base, refiner):
+    with measure.card_settings(base, refiner):
         images, _ = generation.generate(tiny, base, refiner, "a red circle", steps=4, output_type="np")
     assert refiner.unet.dtype == torch.bfloat16 and base.unet.dtype == torch.float32 and np.isfinite(images).all()
 
@@ -113,13 +114,13 @@ def tiny_clip(tmp_path):
 
 
 def test_clip_score_pairs_each_image_with_its_own_prompt(tiny, tiny_clip):
-    from jpsdxl import shapes
+    from jpsdxl.shapes import world as shapes
 
     torch.manual_seed(0)  # clip_scores below draws the same random weights from the same seed
-    clip = generation.load_clip(tiny_clip)
+    clip = measure.load_clip(tiny_clip)
 
     def score(images, prompts):
-        return generation.clip_score(images, prompts, clip)
+        return measure.clip_score(images, prompts, clip)
 
     images = [shapes.render(shapes.Shape(c, s, 8, 16, 16)) for c, s in (("red", "circle"), ("blue", "square"))]
     prompts = ["a red circle", "a blue square"]
@@ -129,9 +130,9 @@ def test_clip_score_pairs_each_image_with_its_own_prompt(tiny, tiny_clip):
     assert not torch.allclose(score(images, prompts[::-1]), scores)
     with_model = dataclasses.replace(tiny, generate=dataclasses.replace(tiny.generate, clip_model=tiny_clip))
     torch.manual_seed(0)
-    by_model = generation.clip_scores(with_model, {"m": np.stack(images)[None]}, prompts)
+    by_model = measure.clip_scores(with_model, {"m": np.stack(images)[None]}, prompts)
     assert by_model["m"] == pytest.approx(float(scores.mean()), abs=1e-4)
-    assert generation.clip_scores(tiny, {"m": np.stack(images)[None]}, prompts) == {}  # tiny: no CLIP model
+    assert measure.clip_scores(tiny, {"m": np.stack(images)[None]}, prompts) == {}  # tiny: no CLIP model
 
 
 def test_memory_options_are_applied_in_place(tiny):

@@ -2,8 +2,9 @@ import time
 
 import pytest
 
-from jpsdxl.hub import ModelNotAvailable, resolve
-from jpsdxl.profiles import load_profile
+from jpsdxl.core.hub import ModelNotAvailable
+from jpsdxl.core.models import resolve
+from jpsdxl.core.profiles import load_profile
 
 
 def test_offline_full_fails_fast_with_instructions(monkeypatch, tmp_path):
@@ -11,7 +12,7 @@ def test_offline_full_fails_fast_with_instructions(monkeypatch, tmp_path):
     import huggingface_hub.constants  # an empty cache, whatever this machine holds
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    from jpsdxl.hub import resolve_profile
+    from jpsdxl.core.models import resolve_profile
 
     start = time.perf_counter()
     with pytest.raises(ModelNotAvailable) as err:
@@ -49,9 +50,9 @@ def test_offline_hub_tokenizer_names_itself(monkeypatch, tmp_path):
 def test_full_random_on_a_machine_without_cuda_stops_before_building(monkeypatch):
     import torch
 
-    from jpsdxl import zoo
+    from jpsdxl.core import zoo
     from jpsdxl.generation import load_pipelines
-    from jpsdxl.profiles import ProfileError
+    from jpsdxl.core.profiles import ProfileError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(zoo, "build_recipe", lambda *a: pytest.fail("started building 5.7 B parameters"))
@@ -127,7 +128,7 @@ def test_pipeline_download_fetches_only_what_from_pretrained_reads(local_hub):
 def test_single_model_and_tokenizer_fetch_lists():
     from fnmatch import fnmatch
 
-    from jpsdxl.hub import TOKENIZER_FILES, model_files
+    from jpsdxl.core.hub import TOKENIZER_FILES, model_files
 
     vae_repo = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "sdxl_vae.safetensors", "sdxl.vae.safetensors", "images/example.png"]

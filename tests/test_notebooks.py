@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -225,7 +224,7 @@ def _exercise_toml(notebook: str) -> str:
 @pytest.mark.slow
 def test_exercise_profiles_run_as_written(tmp_path, splits):
     """Notebook 01's exercise 2: the [tokenizer] section it prints, pasted into a copy of tiny.toml, trains."""
-    from jpsdxl.profiles import PROFILE_DIR, load_profile
+    from jpsdxl.core.profiles import PROFILE_DIR, load_profile
     from jpsdxl.tokenization import japanese_tokenizers
 
     tiny = (PROFILE_DIR / "tiny.toml").read_text()

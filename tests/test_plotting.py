@@ -5,7 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jpsdxl.plotting import bar_compare, missing_glyphs, use_japanese_font  # noqa: E402
+from jpsdxl.notebook.plotting import bar_compare, missing_glyphs, use_japanese_font  # noqa: E402
 
 
 def test_japanese_renders_without_tofu():

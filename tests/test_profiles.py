@@ -1,6 +1,6 @@
 import pytest
 
-from jpsdxl.profiles import available_profiles, load_profile
+from jpsdxl.core.profiles import available_profiles, load_profile
 
 
 def test_shipped_profiles_load():
@@ -58,7 +58,7 @@ MODELS = '[models]\nbase = "zoo:tiny/base"\nrefiner = "zoo:tiny/refiner"\n'
     ('seed = \n', "not valid TOML"),
 ])
 def test_bad_profiles_name_the_file_and_key(tmp_path, body, message):
-    from jpsdxl.profiles import ProfileError
+    from jpsdxl.core.profiles import ProfileError
 
     path = _write(tmp_path, body)
     with pytest.raises(ProfileError, match=message) as err:

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from jpsdxl.runs import atomic_path, load_metrics, save_metrics, write_json
+from jpsdxl.core.runs import atomic_path, load_metrics, save_metrics, write_json
 
 
 def test_atomic_file_and_folder(tmp_path):

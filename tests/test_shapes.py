@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from jpsdxl import shapes as S
-from jpsdxl import zoo
+from jpsdxl.shapes import world as S
+from jpsdxl.core import zoo
 
 
 def test_generator_is_deterministic_for_a_seed():
@@ -56,7 +56,7 @@ def test_captions_and_held_out_split():
 
 
 def test_short_training_run_lowers_the_loss():
-    from jpsdxl.shapes_training import TrainConfig, train_unet, train_vae
+    from jpsdxl.shapes.training import TrainConfig, train_unet, train_vae
 
     torch.manual_seed(0)
     cfg = TrainConfig.from_recipe(vae_steps=30, vae_batch=8, batch=8, latents=64, warmup=5)
@@ -95,7 +95,7 @@ def test_trained_pipelines_load_with_plain_diffusers_and_draw(tiny):
     """No jpsdxl code between the folders and the images: plain diffusers loads and runs them."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from jpsdxl.hub import resolve
+    from jpsdxl.core.models import resolve
 
     base = StableDiffusionXLPipeline.from_pretrained(resolve(tiny.models.base))
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(resolve(tiny.models.refiner),

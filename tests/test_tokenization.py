@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from jpsdxl import clip_tokenizer as C
+from jpsdxl.core import clip_tokenizer as C
 from jpsdxl import tokenization as T
-from jpsdxl import tokenizer_tables as tables
+from jpsdxl.notebook import tables as tables
 
 CAPTIONS = ["a photo of a cat", "A red CAT, sleeping on the sofa.", "Zürich at 3:45pm, 2024 — café & crème",
             "かわいすぎる子猫", "an astronaut riding a horse on mars, 4k, trending on artstation", "  spaces   everywhere "]

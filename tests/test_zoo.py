@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jpsdxl import zoo
+from jpsdxl.core import zoo
 
 
 def _weights(folder):
@@ -27,7 +27,7 @@ def test_other_seed_other_weights(tmp_path, monkeypatch):
 
 
 def test_zoo_folder_layout_and_cache(tiny):
-    from jpsdxl.hub import resolve
+    from jpsdxl.core.models import resolve
 
     base, refiner = resolve(tiny.models.base), resolve(tiny.models.refiner)
     assert base.parent == refiner.parent and base.parent.name == zoo.cache_key(tiny.models.base[4:].split("/")[0])

@@ -6,7 +6,7 @@ SDXL reads every prompt twice: ``tokenizer`` (for CLIP ViT-L, pads with ``<|endo
 
 A leaf module: the zoo (which saves these tokenizers into its model folders) and the Japanese tokenizer (which
 copies their layout) both import it, and it imports nothing else from jpsdxl but ``runs``.
-This file does not hold the Japanese tokenizer (``tokenization.py``) or notebook tables (``tokenizer_tables.py``).
+This file does not hold the Japanese tokenizer (``tokenization.py``) or notebook tables (``notebook/tables.py``).
 """
 
 from __future__ import annotations

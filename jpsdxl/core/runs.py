@@ -1,8 +1,13 @@
-"""Where artefacts live, and how they are written.
+"""Where artefacts live, how they are written, and which stage wrote what.
 
-Everything a run produces goes under ``runs/<profile>/<notebook>/`` (executed notebook, HTML export,
-``metrics.json``); everything that is slow to make and safe to share between runs (downloaded data, the
-tiny model zoo, trained tokenizers) goes under the cache, ``$JPSDXL_CACHE`` or ``~/.cache/jpsdxl``.
+Everything a run produces goes under ``runs/<profile>/<stage folder>/`` (executed notebook, HTML export,
+``metrics.json``, the stage's outputs); ``runs/`` is ``$JPSDXL_RUNS`` if set, else ``./runs`` in the working
+directory (from a source checkout's ``notebooks/`` folder: the checkout's ``runs/``), never the install location.
+Everything that is slow to make and safe to share between runs (downloaded data, the tiny model zoo, trained
+tokenizers) goes under the cache, ``$JPSDXL_CACHE`` or ``~/.cache/jpsdxl``.
+
+``STAGES`` is the one place that knows the stage folders: a stage reads its predecessor's outputs through
+``require``, which names the command that makes them when they are missing (one rule for every caller).
 
 Writes are atomic: a file or folder is written next to its destination and renamed into place, so an
 interrupted run never leaves a half-written artefact that a later run would trust.
@@ -18,9 +23,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from typing import Any, Iterator, NamedTuple
 
 
 def cache_dir(*parts: str) -> Path:
@@ -31,14 +34,65 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def runs_root() -> Path:
+    """``$JPSDXL_RUNS``, else ``./runs``; inside a checkout's ``notebooks/`` (Jupyter's working directory for a
+    notebook) the checkout's own ``runs/``, so the notebooks and the ``jpsdxl`` command share their outputs."""
+    if os.environ.get("JPSDXL_RUNS"):
+        return Path(os.environ["JPSDXL_RUNS"]).expanduser().resolve()
+    cwd = Path.cwd()
+    if cwd.name == "notebooks" and (cwd.parent / "jpsdxl" / "__init__.py").is_file():
+        return cwd.parent / "runs"
+    return cwd / "runs"
+
+
 def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None = None, create: bool = True) -> Path:
-    """``runs/<profile>[/<notebook>]``; ``root`` (or ``$JPSDXL_RUNS``) overrides ``<repo>/runs``. ``create=False``
-    only names it (for a file that may or may not be there, such as stage 2's mapping)."""
-    base = Path(root or os.environ.get("JPSDXL_RUNS") or REPO_ROOT / "runs")
+    """``runs/<profile>[/<notebook>]``; ``root`` overrides ``runs_root()``. ``create=False`` only names it (for a
+    file that may or may not be there, such as stage 2's mapping)."""
+    base = Path(root) if root else runs_root()
     path = base / profile / notebook if notebook else base / profile
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# -----------------------------------------------------------------------------
+# the recipe's stages: where each writes, and what makes it
+
+
+class Stage(NamedTuple):
+    folder: str  # under runs/<profile>/: also the notebook's name
+    command: str  # the CLI sub-command that makes the stage's outputs
+
+
+STAGES = {
+    "overview": Stage("00_overview", "run --only 00"),
+    "tokenizer": Stage("01_tokenizer_alignment", "tokenizer"),
+    "init": Stage("02_embedding_init", "init"),
+    "distill": Stage("03_distillation", "distill"),
+    "generate": Stage("04_generation", "generate"),
+}
+
+
+class StageOutputMissing(FileNotFoundError):
+    """A stage's input, written by an earlier stage, is not there; the message says what to run."""
+
+
+def stage_dir(profile, stage: str, create: bool = True) -> Path:
+    """``runs/<profile>/<stage folder>`` (``profile``: a Profile or its name)."""
+    name = getattr(profile, "name", profile)
+    return runs_dir(name, STAGES[stage].folder, create=create)
+
+
+def require(profile, stage: str, *names: str) -> Path:
+    """The folder of ``stage``'s outputs, checked to hold ``names``; else one error naming what to run."""
+    folder = stage_dir(profile, stage, create=False)
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        name, s = getattr(profile, "name", profile), STAGES[stage]
+        raise StageOutputMissing(
+            f"{folder} lacks {', '.join(missing)}: run `jpsdxl {s.command} --profile {name}` (or notebook "
+            f"{s.folder}) first.")
+    return folder
 
 
 def _alive(pid: int) -> bool:

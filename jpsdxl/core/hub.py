@@ -1,7 +1,7 @@
-"""Resolve a model source to a local folder: a hub id, a local folder, or ``zoo:<recipe>/<part>``.
+"""Fetch a model from the Hugging Face hub (or find it in a local folder): a hub id or folder in, a folder out.
 
-Every loader in jpsdxl calls ``from_pretrained(resolve(...))``: on the ``tiny`` profile that is a folder the
-zoo built from configs, on ``full`` a hub snapshot. Offline (``HF_HUB_OFFLINE=1``) a hub model that is not in
+Every loader in jpsdxl calls ``from_pretrained(models.resolve(...))``: on the ``tiny`` profile that is a folder
+the zoo built from configs, on ``full`` a hub snapshot that this file fetched. Offline (``HF_HUB_OFFLINE=1``) a hub model that is not in
 the local cache fails here, at once, with a message that names the model and says what to do, instead of a
 stack trace from deep inside huggingface_hub halfway through a notebook.
 
@@ -11,7 +11,7 @@ alone is tens of GB. So a pipeline goes through diffusers' own ``DiffusionPipeli
 component folders, ``variant="fp16"`` and safetensors), a single model fetches its config and one weights
 file, and a tokenizer its tokenizer files.
 
-This file builds nothing itself; zoo recipes live in ``zoo.py``.
+This file builds nothing (``zoo.py`` does) and does not choose between the two (``models.py`` does).
 """
 
 from __future__ import annotations
@@ -71,9 +71,7 @@ def resolve(spec: str, what: str = "model", kind: str = "pipeline", variant: str
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     if spec.startswith("zoo:"):
-        from .zoo import build_from_zoo
-
-        return build_from_zoo(spec)
+        raise ValueError(f"{spec!r} is built by the zoo, not fetched: use jpsdxl.core.models.resolve")
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -88,37 +86,6 @@ def resolve(spec: str, what: str = "model", kind: str = "pipeline", variant: str
         raise ModelNotAvailable([f"{what} {spec!r} is not available: {why}"]) from None
     except Exception as e:  # network down, repo gated or renamed: say which model, keep the cause
         raise ModelNotAvailable([f"{what} {spec!r} is not available: {type(e).__name__}: {e}"]) from e
-
-
-def resolve_all(specs: dict[str, tuple[str, str, str | None]]) -> dict[str, Path]:
-    """Resolve several models (role -> (spec, kind, variant)); report *every* missing one in one error."""
-    found, problems = {}, []
-    for what, (spec, kind, variant) in specs.items():
-        try:
-            found[what] = resolve(spec, what, kind, variant)
-        except ModelNotAvailable as e:
-            problems += e.problems
-    if problems:
-        raise ModelNotAvailable(problems)
-    return found
-
-
-def profile_models(profile) -> dict[str, tuple[str, str, str | None]]:
-    """Every model a profile names, as role -> (spec, kind, variant): what a run will need to have."""
-    m, t = profile.models, profile.tokenizer
-    roles = {"SDXL base": (m.base, "pipeline", m.variant), "SDXL refiner": (m.refiner, "pipeline", m.variant)}
-    if m.vae:
-        roles["VAE"] = (m.vae, "model", None)
-    if t.source != "sentencepiece":
-        roles["Japanese tokenizer"] = (t.source, "tokenizer", None)
-    if profile.init.embedder.startswith("st:"):
-        roles["embedder"] = (profile.init.embedder[3:], "sentence-transformers", None)
-    return roles
-
-
-def resolve_profile(profile) -> dict[str, Path]:
-    """Resolve (and on first use fetch or build) every model of ``profile``; offline, one error names all missing."""
-    return resolve_all(profile_models(profile))
 
 
 def folder_size(folder: str | Path) -> int:

@@ -14,8 +14,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from .hub import resolve_profile
-from .profiles import available_profiles, load_profile
+from ..core.models import resolve_profile
+from ..core.profiles import available_profiles, load_profile
 
 # notebook stem -> (stage, module, what it teaches)
 NOTEBOOKS = {
@@ -164,7 +164,7 @@ def recipe_parameter_counts(recipe: str = "sdxl") -> dict[str, int]:
     """
     import torch
 
-    from .zoo import build_components
+    from ..core.zoo import build_components
 
     with torch.device("meta"):
         parts = build_components(recipe, scheduler=False)

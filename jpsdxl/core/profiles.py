@@ -15,7 +15,7 @@ A profile is checked when it is loaded: unknown or missing keys, wrong types and
 that name the file and the key. Relative paths in a profile (a data file, a model folder) are read against the
 profile file's own folder, so a profile means the same thing from any working directory.
 
-This file is not where models are loaded (``zoo.py``) or data read (``data.py``).
+This file is not where models are found (``models.py``) or data read (``data.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"  # jpsdxl/profiles/*.toml
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -322,3 +322,48 @@ def load_profile(name_or_path: str | Path | Profile = "tiny") -> Profile:
     profile = _build(Profile, raw, "the top level", path)
     _check_values(profile, path)
     return profile
+
+
+def derive(base: Profile, name: str | None = None, **sections: dict | Any) -> Profile:
+    """A new profile from ``base``, checked like a loaded one: each keyword names a section (``data``, ``distill``,
+    ...) and gives either a dict of keys to change in ``base``'s section or a whole section (a config dataclass:
+    nothing kept from ``base``'s). Top-level keys (``seed``, ``dtype``, ...) are keywords too. For tests, benchmarks
+    and notebook exercises: no TOML text is edited by hand."""
+    values = dataclasses.asdict(base) | {"name": name or base.name}
+    for key, change in sections.items():
+        if key in _SECTIONS:
+            values[key] = dataclasses.asdict(change) if dataclasses.is_dataclass(change) else values[key] | change
+        else:
+            values[key] = change
+    where = Path(base.source or f"<derived from {base.name}>")
+    raw = {k: (_build(_SECTIONS[k], v, k, where) if k in _SECTIONS else v) for k, v in values.items()}
+    profile = _build(Profile, raw, "the top level", where)
+    _check_values(profile, where)
+    return profile
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def save_profile(profile: Profile, path: str | Path) -> Path:
+    """Write ``profile`` as a TOML file that ``load_profile`` reads back as the same profile (keys left at None are
+    left out, so they read back as their defaults: None). For a process that takes ``--profile FILE``."""
+    lines, tables = [], []
+    for key, value in dataclasses.asdict(profile).items():
+        if key == "source" or value is None:
+            continue
+        if key in _SECTIONS or key == "expected_minutes":
+            body = [f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+            tables.append(f"[{key}]\n" + "\n".join(body))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n\n" + "\n\n".join(tables) + "\n", encoding="utf-8")
+    return path

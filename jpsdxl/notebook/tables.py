@@ -1,16 +1,17 @@
 """Notebook 01's measurements and tables: how CLIP and the Japanese tokenizer cut the same text.
 
 Small, display-oriented helpers (rows of dicts that the notebook turns into DataFrames). The tokenizers
-themselves live in ``clip_tokenizer.py`` (SDXL's) and ``tokenization.py`` (the Japanese one).
+themselves live in ``core/clip_tokenizer.py`` (SDXL's) and ``tokenization.py`` (the Japanese one). Also notebook 03's
+view of a training pair.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from .clip_tokenizer import MAX_LENGTH, token_bytes
-from .data import normalize_text
-from .tokenization import overflow
+from ..core.clip_tokenizer import MAX_LENGTH, token_bytes
+from ..data import normalize_text
+from ..tokenization import overflow
 
 
 def tokens_per_char(tokenizer, texts: Sequence[str]) -> float:
@@ -97,4 +98,18 @@ def normalization_examples(tokenizer, prompts: Sequence[str]) -> list[dict]:
         rows.append({"prompt": repr(prompt), "normalised": tokenizer.backend_tokenizer.normalizer.normalize_str(prompt),
                      "pieces": " ".join(tokenizer.convert_ids_to_tokens(ids)),
                      "unknown": sum(i == tokenizer.unk_token_id for i in ids)})
+    return rows
+
+
+def pair_view(setup, n: int = 5) -> list[dict]:
+    """What the two sides of a training pair look like to their encoders: tokens and where EOS falls."""
+    from ..data import take
+
+    rows = []
+    for ja, en in take(setup.splits.train, n):
+        ja_tokens = setup.tokenizer.tokenize(ja)
+        en_tokens = setup.teachers.tokenizer.tokenize(en)
+        rows.append({"Japanese (student reads)": ja, "English (teacher reads)": en,
+                     "JA tokens": " ".join(ja_tokens), "EN tokens": " ".join(en_tokens),
+                     "JA EOS at": len(ja_tokens) + 1, "EN EOS at": len(en_tokens) + 1})
     return rows

@@ -11,8 +11,8 @@ states, pooled projection, the same size/crop/aesthetic time ids). Only the VAE 
    conditioning (text_encoder_2 only, aesthetic score 6; dropped captions get the encoded empty prompt and 2.5).
 
 ``train_shapes_world`` writes the trained weights (fp16 safetensors stamped with the recipe's hash), the loss
-curves and the judge's numbers to a folder; ``zoo.py`` builds the ``shapes`` recipe from them. Rebuild with
-``jpsdxl train-shapes`` (see the README for its measured time). This file does not judge images (``shapes.py``).
+curves and the judge's numbers to a folder; ``core/zoo.py`` builds the ``shapes`` recipe from them. Rebuild with
+``jpsdxl train-shapes`` (see docs/shapes-world.md for its measured time). This file does not judge images (``world.py``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes as S
-from .runs import atomic_path, write_json
+from . import world as S
+from ..core.runs import atomic_path, write_json
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, **overrides) -> "TrainConfig":
-        from .zoo import RECIPES
+        from ..core.zoo import RECIPES
 
         return cls(**{**RECIPES["shapes"]["train"], **overrides})
 
@@ -149,7 +149,7 @@ def train_unet(unet, conditioning, means, stds, shapes, scaling_factor, cfg: Tra
 
     from diffusers import DDPMScheduler
 
-    from .zoo import RECIPES
+    from ..core.zoo import RECIPES
 
     noise_schedule = DDPMScheduler(**{k: v for k, v in RECIPES["tiny"]["scheduler"].items() if k != "steps_offset"})
     alphas = noise_schedule.alphas_cumprod
@@ -200,8 +200,8 @@ def train_shapes_world(out_dir: str | Path, cfg: TrainConfig | None = None, log=
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .clip_tokenizer import build_sdxl_clip_tokenizers
-    from .zoo import build_components, recipe_key
+    from ..core.clip_tokenizer import build_sdxl_clip_tokenizers
+    from ..core.zoo import build_components, recipe_key
 
     cfg = cfg or TrainConfig.from_recipe()
     torch.set_num_threads(cfg.threads)
@@ -275,14 +275,15 @@ def train_shapes_world(out_dir: str | Path, cfg: TrainConfig | None = None, log=
 def judge_shipped(folder: str | Path, profile="tiny", seeds=S.EVAL_SEEDS) -> dict:
     """Score freshly built pipelines from the weights in ``folder`` on every English prompt (held-out seeds), with
     and without the refiner, and write ``judge.json`` beside the weights. ``folder`` must hold this recipe's weights."""
-    from .generation import load_pipelines
-    from .profiles import load_profile
+    from ..core.profiles import load_profile
+    from ..generation import load_pipelines
+    from ..notebook.measure import evaluate
 
     profile = load_profile(profile)
     base, refiner = load_pipelines(profile)
     prompts, targets = S.english_prompts()
-    both, _ = S.evaluate(profile, base, refiner, prompts, targets, seeds=seeds)
-    base_only, _ = S.evaluate(profile, base, refiner, prompts, targets, seeds=seeds, refine=False)
+    both, _ = evaluate(profile, base, refiner, prompts, targets, seeds=seeds)
+    base_only, _ = evaluate(profile, base, refiner, prompts, targets, seeds=seeds, refine=False)
     truth_images, truth = S.sample(2000, seed=12345)
     result = {"profile": profile.name, "settings": dataclasses.asdict(profile.generate), "seeds": list(seeds),
               "judge_on_ground_truth": S.score(truth_images, [(s.colour, s.shape) for s in truth]),

@@ -12,7 +12,7 @@ built deterministically from its seed into ``<cache>/zoo/<recipe>-<hash>/{base,r
 only way any model is loaded here: ``from_pretrained(<folder>)``, the same call that takes a hub id in ``full``.
 The base and refiner share one ``text_encoder_2`` and one VAE, as the real pair does.
 
-This file does not resolve hub ids (``hub.py``) or train anything.
+This file does not fetch hub ids (``hub.py``) or train anything (``shapes/training.py`` trained the shipped weights).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ RECIPES = {
 }
 
 
-WEIGHTS_DIR = Path(__file__).parent / "zoo_weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "zoo_weights"  # jpsdxl/zoo_weights/<recipe>/
 
 
 class StaleWeights(RuntimeError):

@@ -12,7 +12,8 @@ Japanese prompt (「赤い丸」) draws the same, before and after distillation.
 * ``judge``: a pixel classifier, no learning: the dominant hue of the saturated pixels against the palette, and
   the shape from the mask's geometry in its bounding box (whether it narrows upwards, whether it fills the corners).
 
-This file does not train anything (``shapes_training.py``) or build pipelines (``zoo.py``).
+This file does not train anything (``training.py``), build pipelines (``core/zoo.py``) or generate images
+(``notebook/measure.py`` judges a pipeline's images with ``score``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
+
+__all__ = [
+    "IMAGE_SIZE", "COLOURS", "SHAPES", "ENGLISH_TEMPLATES", "JAPANESE_TEMPLATES", "HELD_OUT_COMBINATIONS",
+    "HELD_OUT_JAPANESE_TEMPLATES", "combinations", "english_captions", "japanese_captions", "caption_pairs",
+    "held_out_prompts", "Shape", "render", "random_shape", "sample", "PALETTE_HUES", "Verdict", "judge",
+    "score", "english_prompts", "EVAL_SEEDS"
+]
 
 IMAGE_SIZE = 32
 
@@ -211,18 +219,3 @@ def english_prompts() -> tuple[list[str], list[tuple[str, str]]]:
 EVAL_SEEDS = tuple(range(1000, 1008))  # never used in training (its generators are seeded 0-500)
 
 
-def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str, str]], seeds=EVAL_SEEDS,
-             refine: bool = True, **overrides) -> tuple[dict, np.ndarray]:
-    """Generate every prompt with every seed at the profile's settings and judge the images.
-
-    ``refine=False`` runs the base alone over the whole schedule, to measure what the refiner changes. Seeds
-    default to ones the training never used. Returns (scores, images ``[seeds, prompts, H, W, 3]`` uint8).
-    """
-    from .generation import generate
-
-    images = []
-    for seed in seeds:
-        out, _ = generate(profile, base, refiner, prompts, refine=refine, seed=seed, output_type="np", **overrides)
-        images.append((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8))
-    images = np.stack(images)
-    return score(images.reshape(-1, *images.shape[2:]), list(targets) * len(seeds)), images
