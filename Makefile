@@ -1,23 +1,26 @@
-# The two commands of the README, and what they need. Everything installs into ./.venv.
+# The two commands of the README, and what they need. Everything installs into ./.venv, pinned by requirements.lock.
 #   make tutorial   set up, then run every notebook on the tiny profile (outputs in runs/tiny/)
-#   make test       set up, then run the test suite (which also runs the notebooks end to end)
+#   make test       set up, then run every test, each notebook executed once (CI runs this)
+#   make test-fast  every test but the notebooks' execution and the slow launchers: the inner loop
+#   make lock       re-resolve pyproject.toml's ranges into requirements.lock (then read the diff, run make test)
 # Other profiles: make tutorial PROFILE=full HF_HUB_OFFLINE=0   (GPU and internet)
 
 PYTHON ?= python3
 PROFILE ?= tiny
 VENV := .venv
 BIN := $(VENV)/bin
+PIP_VERSION := 26.3
 # tiny never needs the model hub; offline mode makes any accidental hub call fail at once
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup tutorial test clean
+.PHONY: setup tutorial test test-fast lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $@
 
 tutorial: setup
@@ -25,6 +28,25 @@ tutorial: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not notebooks and not slow"
+
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet pip==$(PIP_VERSION)
+	.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
+	head -4 requirements.lock > requirements.lock.new
+	.lock-venv/bin/python -m pip freeze --exclude-editable >> requirements.lock.new
+	# the gpu extra is not installed here (no CUDA): resolve it without installing, and pin what it would add
+	.lock-venv/bin/python -m pip install --quiet --dry-run --report .lock-venv/gpu.json ".[gpu]"
+	echo "# the gpu extra (not installed by CI; Colab installs it): resolved by pip install --dry-run" >> requirements.lock.new
+	.lock-venv/bin/python -c "import json; r = json.load(open('.lock-venv/gpu.json')); \
+	  print(*sorted(f\"{i['metadata']['name']}=={i['metadata']['version']}\" for i in r['install'] \
+	  if i['metadata']['name'] != 'jpsdxl'), sep='\n')" >> requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf .lock-venv
 
 clean:
 	rm -rf runs/ .pytest_cache

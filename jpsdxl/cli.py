@@ -19,6 +19,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
+
+from .core.profiles import Strategy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--profile", default="tiny")
     dist.add_argument("--out", default=None, help="output folder (default: runs/<profile>/03_distillation)")
     dist.add_argument("--steps", type=int, default=None, help="override distill.steps")
-    dist.add_argument("--init", default=None, help="override the starting rows (similarity, mean, random, ...)")
+    dist.add_argument("--init", default=None, choices=get_args(Strategy), help="override the starting rows")
     dist.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
     gen = sub.add_parser("generate", help="draw images from Japanese prompts with the Japanese SDXL (base, then "
                                           "refiner, as the SD-XL 1.0-jp card does)")
@@ -79,88 +82,110 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    if args.command == "run":
-        from .runner import NotebookFailed, run_notebooks
+    return COMMANDS[args.command](args)
 
-        try:
-            summary = run_notebooks(args.profile, args.only, args.runs, html=not args.no_html)
-        except NotebookFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{len(summary)} notebooks, {sum(r['seconds'] for r in summary):.1f} s")
-    elif args.command == "prepare":
-        from .core.models import resolve_profile
-        from .core.profiles import load_profile
-        from .embedding_init import run as stage_2
-        from .tokenization import run as stage_1
 
-        profile = load_profile(args.profile)
-        profile.check_device()
-        for role, folder in resolve_profile(profile).items():
-            print(f"{role}: {folder}")
-        print(f"stage 1: {stage_1(profile)}")
-        mapping = stage_2(profile)
-        print(f"stage 2: {len(mapping.ja):,} Japanese pieces mapped")
-    elif args.command == "tokenizer":
-        from .core.profiles import load_profile
-        from .tokenization import run as stage_1
+def _run(args) -> int:
+    from .runner import NotebookFailed, run_notebooks
 
-        folder = stage_1(load_profile(args.profile))
-        print(f"wrote {folder}/{{tokenizer,tokenizer_2}}")
-    elif args.command == "init":
-        from .core.profiles import load_profile
-        from .core.runs import stage_dir
-        from .embedding_init import run as stage_2
+    try:
+        summary = run_notebooks(args.profile, args.only, args.runs, html=not args.no_html)
+    except NotebookFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(summary)} notebooks, {sum(r['seconds'] for r in summary):.1f} s")
+    return 0
 
-        profile = load_profile(args.profile)
-        mapping = stage_2(profile)
-        best = mapping.rows()
-        print(f"{len(best):,} Japanese pieces mapped; e.g. " + ", ".join(
-            f"{r['ja_piece']} -> {r['en_token']}" for r in best[100:105]))
-        print(f"wrote {stage_dir(profile, 'init')}/mapping.{{pt,tsv}}")
-    elif args.command == "distill":
-        from accelerate import PartialState
 
-        from . import distillation as D
-        from .core.profiles import load_profile
-        from .core.runs import stage_dir
+def _prepare(args) -> int:
+    from .core.models import resolve_profile
+    from .core.profiles import load_profile
+    from .embedding_init import run as stage_2
+    from .tokenization import run as stage_1
 
-        profile = load_profile(args.profile)
-        overrides = {k: v for k, v in (("steps", args.steps), ("init", args.init)) if v}
-        try:
-            run = D.run(profile, args.out, resume=not args.fresh, **overrides)
-        except D.NonFiniteLoss as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        state = PartialState()
-        if state.is_main_process:
-            print(f"processes: {state.num_processes} ({state.distributed_type})")
-            print(run.bad_lines)
-            print(json.dumps(D.summary(run), indent=1))
-            print(f"wrote {run.folder or stage_dir(profile, 'distill')}/{{text_encoder,text_encoder_2,tokenizer,tokenizer_2}}")
-    elif args.command == "generate":
-        return _generate(args)
-    elif args.command == "train-shapes":
-        from .shapes.training import train_shapes_world
-        from .core.zoo import RECIPES, WEIGHTS_DIR
+    profile = load_profile(args.profile)
+    profile.check_device()
+    for role, folder in resolve_profile(profile).items():
+        print(f"{role}: {folder}")
+    print(f"stage 1: {stage_1(profile)}")
+    mapping = stage_2(profile)
+    print(f"stage 2: {len(mapping.ja):,} Japanese pieces mapped")
+    return 0
 
-        out = Path(args.out).resolve() if args.out else WEIGHTS_DIR / RECIPES["shapes"]["weights"]
-        info = train_shapes_world(out)
-        print(f"wrote {out} in {info['total_seconds'] / 60:.1f} min (recipe {info['recipe']})")
-        if out == WEIGHTS_DIR / RECIPES["shapes"]["weights"]:
-            from .shapes.training import judge_shipped
 
-            scores = judge_shipped(out)["english_base_and_refiner"]
-            print(f"English prompts, judged: colour {scores['colour']:.1%}, shape {scores['shape']:.1%}")
-    elif args.command == "env":
-        from .notebook.overview import environment_report
+def _tokenizer(args) -> int:
+    from .core.profiles import load_profile
+    from .tokenization import run as stage_1
 
-        print(json.dumps(environment_report(), indent=2))
-    elif args.command == "profiles":
-        from .notebook.overview import profile_table
+    folder = stage_1(load_profile(args.profile))
+    print(f"wrote {folder}/{{tokenizer,tokenizer_2}}")
+    return 0
 
-        for row in profile_table():
-            print(f"{row['profile']:12s} {row['device']:5s} {row['dtype']:9s} {row['what for']}")
+
+def _init(args) -> int:
+    from .core.profiles import load_profile
+    from .core.runs import stage_dir
+    from .embedding_init import run as stage_2
+
+    profile = load_profile(args.profile)
+    mapping = stage_2(profile)
+    best = mapping.rows()
+    print(f"{len(best):,} Japanese pieces mapped; e.g. " + ", ".join(
+        f"{r['ja_piece']} -> {r['en_token']}" for r in best[100:105]))
+    print(f"wrote {stage_dir(profile, 'init')}/mapping.{{pt,tsv}}")
+    return 0
+
+
+def _distill(args) -> int:
+    from accelerate import PartialState
+
+    from . import distillation as D
+    from .core.profiles import load_profile
+    from .core.runs import stage_dir
+
+    profile = load_profile(args.profile)
+    overrides = {k: v for k, v in (("steps", args.steps), ("init", args.init)) if v}
+    try:
+        run = D.run(profile, args.out, resume=not args.fresh, **overrides)
+    except D.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    state = PartialState()
+    if state.is_main_process:
+        print(f"processes: {state.num_processes} ({state.distributed_type})")
+        print(run.bad_lines)
+        print(json.dumps(D.summary(run), indent=1))
+        print(f"wrote {run.folder or stage_dir(profile, 'distill')}/{{text_encoder,text_encoder_2,tokenizer,tokenizer_2}}")
+    return 0
+
+
+def _train_shapes(args) -> int:
+    from .shapes.training import train_shapes_world
+    from .core.zoo import RECIPES, WEIGHTS_DIR
+
+    out = Path(args.out).resolve() if args.out else WEIGHTS_DIR / RECIPES["shapes"]["weights"]
+    info = train_shapes_world(out)
+    print(f"wrote {out} in {info['total_seconds'] / 60:.1f} min (recipe {info['recipe']})")
+    if out == WEIGHTS_DIR / RECIPES["shapes"]["weights"]:
+        from .shapes.training import judge_shipped
+
+        scores = judge_shipped(out)["english_base_and_refiner"]
+        print(f"English prompts, judged: colour {scores['colour']:.1%}, shape {scores['shape']:.1%}")
+    return 0
+
+
+def _env(args) -> int:
+    from .notebook.overview import environment_report
+
+    print(json.dumps(environment_report(), indent=2))
+    return 0
+
+
+def _profiles(args) -> int:
+    from .notebook.overview import profile_table
+
+    for row in profile_table():
+        print(f"{row['profile']:12s} {row['device']:5s} {row['dtype']:9s} {row['what for']}")
     return 0
 
 
@@ -217,6 +242,9 @@ def _generate(args) -> int:
         print(path)
     return 0
 
+
+COMMANDS = {"run": _run, "prepare": _prepare, "tokenizer": _tokenizer, "init": _init, "distill": _distill,
+            "generate": _generate, "train-shapes": _train_shapes, "env": _env, "profiles": _profiles}
 
 
 # -----------------------------------------------------------------------------

@@ -355,6 +355,30 @@ def _loss_positions(accelerator, students: Students, teachers: Teachers, ids_1, 
     return n, masks
 
 
+def _forward_backward(accelerator, model, students: Students, teachers: Teachers, batch: list, cfg) -> torch.Tensor:
+    """One optimiser step's forward and backward passes over this process's ``batch``, in ``grad_accum``
+    micro-batches (gradients add up; DDP syncs only on the last one). Returns the loss terms, averaged over
+    processes."""
+    micro = len(batch) // cfg.grad_accum
+    ja, en = [p[0] for p in batch], [p[1] for p in batch]
+    ids_1, ids_2 = token_ids(students.tokenizer, ja), token_ids(students.tokenizer_2, ja)
+    n, masks = _loss_positions(accelerator, students, teachers, ids_1, en, cfg)
+    totals = dict.fromkeys(TARGETS, 0.0)
+    for m in range(cfg.grad_accum):
+        part = slice(m * micro, (m + 1) * micro)
+        target = teachers.targets(en[part], accelerator.device).first(n)
+        mask = masks[part].to(accelerator.device) if masks is not None else None
+        sync = nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            h1, h2, pooled = model(ids_1[part, :n], ids_2[part, :n])
+            terms = loss_terms(Outputs(h1, h2, pooled), target, mask)
+            loss = weighted_loss(terms, cfg.loss_weights) / cfg.grad_accum
+        accelerator.backward(loss)
+        for t in TARGETS:
+            totals[t] += float(terms[t].detach()) / cfg.grad_accum
+    return accelerator.reduce(torch.tensor([totals[t] for t in TARGETS], device=accelerator.device), "mean")
+
+
 def _non_finite(reduced: torch.Tensor, step: int, folder: Path | None) -> NonFiniteLoss:
     last = latest_checkpoint(folder) if folder else None
     return NonFiniteLoss(
@@ -399,7 +423,6 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     # the data position is part of the state: a resumed run skips exactly the pairs it has seen
     start = step * cfg.batch_size // (world if pairs.streamed else 1)
     stream = pairs.stream(start, rank, world)
-    micro = cfg.batch_size // world // cfg.grad_accum
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # at most one refresh a second: in a notebook every refresh is a widget message, and a long cell's burst of
@@ -411,23 +434,7 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     for batch in batches(stream, cfg.batch_size, rank, world, pairs.streamed):
         if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
             break
-        ja, en = [p[0] for p in batch], [p[1] for p in batch]
-        ids_1, ids_2 = token_ids(students.tokenizer, ja), token_ids(students.tokenizer_2, ja)
-        n, masks = _loss_positions(accelerator, students, teachers, ids_1, en, cfg)
-        totals = dict.fromkeys(TARGETS, 0.0)
-        for m in range(cfg.grad_accum):  # micro-batches: gradients add up, DDP syncs only on the last one
-            part = slice(m * micro, (m + 1) * micro)
-            target = teachers.targets(en[part], device).first(n)
-            mask = masks[part].to(device) if masks is not None else None
-            sync = nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                h1, h2, pooled = model(ids_1[part, :n], ids_2[part, :n])
-                terms = loss_terms(Outputs(h1, h2, pooled), target, mask)
-                loss = weighted_loss(terms, cfg.loss_weights) / cfg.grad_accum
-            accelerator.backward(loss)
-            for t in TARGETS:
-                totals[t] += float(terms[t].detach()) / cfg.grad_accum
-        reduced = accelerator.reduce(torch.tensor([totals[t] for t in TARGETS], device=device), "mean")
+        reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg)
         if not torch.isfinite(reduced).all():
             raise _non_finite(reduced, step, folder)
         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -527,8 +534,10 @@ def run(profile, out: str | Path | None = None, resume: bool = True, progress: b
     the students there as diffusers components (main process only, under ``accelerate launch``)."""
     from accelerate import PartialState
 
-    from .core.runs import stage_dir
+    from .core.runs import require, stage_dir
 
+    if (overrides.get("init") or profile.distill.init or profile.init.strategy) not in ("mean", "random"):
+        require(profile, "init", "mapping.pt")  # before anything loads: says to run `jpsdxl init`
     out = Path(out).resolve() if out else stage_dir(profile, "distill")
     result = distil(prepare(profile), out, resume=resume, progress=progress, **overrides)
     if PartialState().is_main_process:

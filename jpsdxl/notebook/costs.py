@@ -25,7 +25,7 @@ def training_flops_per_sample(text_encoder, text_encoder_2, tokens: int = 77) ->
 
 def recipe_flops_per_pair(recipe: str = "sdxl") -> dict:
     """``training_flops_per_sample`` for a zoo recipe's text encoders, built on the meta device (no memory)."""
-    from .core.zoo import build_components
+    from ..core.zoo import build_components
 
     with torch.device("meta"):
         parts = build_components(recipe, scheduler=False)
