@@ -4,9 +4,11 @@ Runs the real trainer (``distillation.distil``) for a few steps after a warm-up 
 (GPU: torch.cuda.max_memory_allocated; CPU: peak resident set size) and, on a GPU, MFU against the card's dense
 bf16/fp16 peak: model FLOPs per pair = 6 x student dense parameters x 77 + 2 x teacher dense parameters x 77.
 ``--profile full-random`` trains SDXL 1.0's real text-encoder shapes (random weights, no download).
-``--cap-gib 15`` caps the process's GPU memory (torch.cuda.set_per_process_memory_fraction) to stand in for a
-16 GB card such as Colab's T4. Each result is appended to benchmarks/results/distillation_speed.json, which
-notebook 03's cost table reads.
+``--cap-gib 14.5`` caps the process's GPU memory (torch.cuda.set_per_process_memory_fraction) to stand in for a
+16 GB card such as Colab's T4 (about 14.5 GiB of it is usable). MFU divides model FLOPs by the card's peak, HFU
+the FLOPs the card really computes (with gradient checkpointing, the students' forward twice); the held-out
+evaluations stay outside the timed window, and an unknown card name gets no MFU rather than a guessed peak.
+Each result is appended to benchmarks/results/distillation_speed.json, which notebook 03's cost table reads.
 
 Usage:  python benchmarks/distillation_speed.py [--profile tiny] [--steps 20] [--set key=value ...] [--cap-gib G]
 """
@@ -15,10 +17,6 @@ import argparse
 import json
 import resource
 from pathlib import Path
-
-# dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0, "T4": 65.0}
-
 
 def _value(text: str):
     return json.loads(text) if text.lower() not in ("none",) else None
@@ -55,16 +53,20 @@ def main():
     run = D.distil(setup, steps=args.steps, **quiet, **overrides)
     cfg = profile.distill
     pairs_per_second = run.samples_per_second  # the training loop only: not the step-0 held-out evaluation
-    flops = costs.training_flops_per_sample(setup.teachers.text_encoder, setup.teachers.text_encoder_2)["flops_per_pair"]
+    recompute = overrides.get("gradient_checkpointing", cfg.gradient_checkpointing)
+    count = costs.training_flops_per_sample(setup.teachers.text_encoder, setup.teachers.text_encoder_2,
+                                            recompute=recompute)
+    flops, hardware = count["flops_per_pair"], count["hardware_flops_per_pair"]
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    peak = costs.peak_tflops(device) if cuda else None
     memory = (torch.cuda.max_memory_allocated() / 2**30 if cuda
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     row = {"device": device, "profile": profile.name, "settings": ", ".join(f"{k}={v}" for k, v in overrides.items())
            or "profile defaults", "mixed_precision": overrides.get("mixed_precision", cfg.mixed_precision),
            "pairs_per_second": round(pairs_per_second, 2), "peak_memory_gib": round(memory, 2),
            "model_tflops": round(pairs_per_second * flops / 1e12, 3), "cap_gib": args.cap_gib,
-           "mfu": round(pairs_per_second * flops / (peak * 1e12), 4) if peak else None, "steps": args.steps,
+           "mfu": round(pairs_per_second * flops / (peak * 1e12), 4) if peak else None,
+           "hfu": round(pairs_per_second * hardware / (peak * 1e12), 4) if peak else None, "steps": args.steps,
            "held_out_loss_after": round(run.after["loss"], 4)}
     print(f"{device} | {profile.name} | {row['settings']} | {pairs_per_second:.1f} pairs/s | "
           f"{row['model_tflops']} model TFLOP/s" + (f" | MFU {row['mfu']:.1%} of {peak:.0f}" if peak else "")

@@ -11,5 +11,5 @@
 set -euo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 python3 benchmarks/distillation_speed.py --profile full-random --steps 10 --set init='"mean"'
-python3 benchmarks/distillation_speed.py --profile full-random --steps 5 --cap-gib 15 \
+python3 benchmarks/distillation_speed.py --profile full-random --steps 5 --cap-gib 14.5 \
   --set mixed_precision='"fp16"' gradient_checkpointing=true optimizer='"adamw8bit"' batch_size=16 init='"mean"'

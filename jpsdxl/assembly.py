@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import torch
 
-from .generation import load_pipelines
 from .core.models import resolve_profile
 from .core.runs import quiet_hf_progress
 
@@ -42,7 +41,7 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
 
     ``copy=False`` links the unchanged parts (a folder to share or upload: ``copy=True``, which copies them).
     """
-    from .core.runs import atomic_path
+    from .core.runs import atomic_path, write_json
 
     students_dir = Path(students_dir)
     missing = [p for p in TEXT_PARTS if not (students_dir / p).is_dir()]
@@ -51,6 +50,8 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
                                 f"(they write these four folders) first.")
     folders = resolve_profile(profile)
     english = {"base": Path(folders["SDXL base"]), "refiner": Path(folders["SDXL refiner"])}
+    # the profile's replacement VAE (full: the fp16-safe one) is the one the English baseline decodes with too
+    vae = Path(folders["VAE"]) if "VAE" in folders else None
     out = Path(out).resolve()
     result = {}
     for role in ("base", "refiner"):
@@ -66,11 +67,25 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
                 if name in TEXT_PARTS:  # the Japanese parts: the base's are the students', the refiner's the base's
                     src = students_dir / name if role == "base" else out / "base" / name
                     _link(src, tmp / name, out / role, copy=copy or role == "base")
+                elif name == "vae" and vae is not None:
+                    _link(vae, tmp / name, out / role, copy=copy)
                 else:
                     _link(english[role] / name, tmp / name, out / role, copy=copy)
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         result[role] = out / role
+    write_json(out / "source.json", {"students": str(students_dir.resolve()), "fingerprint": fingerprint(students_dir)})
     return result
+
+
+def fingerprint(students_dir: str | Path) -> str:
+    """What stage 3 left, in a few bytes: every file of the four parts with its size and modification time. An
+    assembled model records it (``source.json``), so a model assembled from older encoders is noticed."""
+    import hashlib
+
+    folder = Path(students_dir)
+    files = sorted(p for part in TEXT_PARTS for p in (folder / part).rglob("*") if p.is_file())
+    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def describe_assembled(folder: str | Path) -> list[dict]:
@@ -98,45 +113,67 @@ class JapaneseModel(NamedTuple):
     variant: str | None = None
 
 
-def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None):
+def has_variant(folder: str | Path, variant: str | None) -> bool:
+    """Does a pipeline folder hold ``variant`` weight files (``unet/*.fp16.safetensors``)? The published SD-XL 1.0-jp
+    repos hold none, so loading them with the profile's ``variant="fp16"`` must fall back to the plain files."""
+    return bool(variant) and any(f".{variant}." in p.name for p in (Path(folder) / "unet").glob("*"))
+
+
+def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None,
+                   offload: bool = False, share=None):
     """(base, refiner) from an ``assemble`` folder, or from a ``JapaneseModel`` (``japanese_model``): plain
-    diffusers."""
+    diffusers. The weights variant is used only where the folder has it.
+
+    ``offload``: model CPU offload *instead of* moving the pipelines to ``device`` (moving first would hold every
+    component on the GPU at once). ``share``: the English (base, refiner) whose UNets, VAE and scheduler to reuse,
+    so that only the text parts load (one UNet pair resident however many models are compared)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     if isinstance(folder, JapaneseModel):
         base_dir, refiner_dir, variant = folder.base, folder.refiner, folder.variant or variant
     else:
         base_dir, refiner_dir = Path(folder) / "base", Path(folder) / "refiner"
+    variant = variant if has_variant(base_dir, variant) else None
+    reuse = ({}, {}) if share is None else (
+        {"unet": share[0].unet, "vae": share[0].vae, "scheduler": share[0].scheduler},
+        {"unet": share[1].unet, "scheduler": share[1].scheduler})
     with quiet_hf_progress():
-        base = StableDiffusionXLPipeline.from_pretrained(str(base_dir), dtype=dtype, variant=variant)
+        base = StableDiffusionXLPipeline.from_pretrained(str(base_dir), dtype=dtype, variant=variant, **reuse[0])
         refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
             str(refiner_dir), dtype=dtype, variant=variant, text_encoder_2=base.text_encoder_2,
-            tokenizer_2=base.tokenizer_2, vae=base.vae)
+            tokenizer_2=base.tokenizer_2, vae=base.vae, **reuse[1])
     for pipe in (base, refiner):
-        pipe.to(device)
+        if offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
     return base, refiner
 
 
-def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path) -> dict:
+def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path, english) -> dict:
     """The Japanese models stage 4 compares, as (base, refiner) pairs: copies with every row the mean English row
     (untrained), copies with stage 2's similarity rows (init only; stage 2's mapping, by the one rule of
-    ``runs.require``) and the distilled model assembled in ``model_dir``. All use stage 3's saved tokenizers."""
+    ``runs.require``) and the distilled model assembled in ``model_dir``. All use stage 3's saved tokenizers.
+
+    ``english`` is the English (base, refiner): its text encoders are the teachers the copies start from, and its
+    UNets, VAE and scheduler are shared by every variant, so one UNet pair is resident however many are compared."""
     from transformers import AutoTokenizer
 
-    from .distillation import load_teachers, make_students
+    from .distillation import Teachers, make_students
     from .embedding_init import stage_mapping
+    from .generation import with_text_parts
 
     students_dir = Path(students_dir)
     tok, tok_2 = (AutoTokenizer.from_pretrained(students_dir / t) for t in ("tokenizer", "tokenizer_2"))
-    teachers = load_teachers(profile)
+    base = english[0]
+    teachers = Teachers(base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2)
     variants = {}
     for name, strategy, mapping in (("untrained (mean rows)", "mean", None),
                                     ("init only (similarity)", "similarity", stage_mapping(profile))):
         s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed)
-        variants[name] = load_pipelines(profile, text_encoder=s.text_encoder.eval(), text_encoder_2=s.text_encoder_2.eval(),
-                                        tokenizer=tok, tokenizer_2=tok_2)
-    variants["distilled"] = load_assembled(model_dir, profile.torch_dtype(), profile.torch_device())
+        variants[name] = with_text_parts(english, s.text_encoder.eval(), s.text_encoder_2.eval(), tok, tok_2)
+    variants["distilled"] = load_assembled(model_dir, profile.torch_dtype(), profile.torch_device(), share=english)
     return variants
 
 
@@ -154,6 +191,8 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
     or hub ids (``BASE_ID`` with the refiner found by name, or ``BASE_ID,REFINER_ID``; fetched once, in the
     profile's weights variant). Default: the profile's assembled model under runs/, assembled from stage 3's
     students if needed (missing students: an error that says to run ``jpsdxl distill``)."""
+    import sys
+
     from .core.models import resolve_all
     from .core.runs import require, stage_dir
 
@@ -171,8 +210,12 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
                              "Japanese SDXL refiner": (refiner or refiner_id(base_id), "pipeline", variant)})
         return JapaneseModel(found["Japanese SDXL base"], found["Japanese SDXL refiner"], variant)
     out = stage_dir(profile, "generate") / "model"
-    if (out / "base").is_dir() and (out / "refiner").is_dir():
-        return JapaneseModel(out / "base", out / "refiner")
     students = require(profile, "distill", *TEXT_PARTS)  # no trained encoders yet: says to run `jpsdxl distill`
+    if (out / "base").is_dir() and (out / "refiner").is_dir():
+        recorded = json.loads((out / "source.json").read_text()) if (out / "source.json").exists() else {}
+        if recorded.get("fingerprint") == fingerprint(students):
+            return JapaneseModel(out / "base", out / "refiner")
+        print(f"stage 3's encoders in {students} changed since {out} was assembled: assembling it again",
+              file=sys.stderr)
     assemble(profile, students, out)
     return JapaneseModel(out / "base", out / "refiner")

@@ -24,6 +24,30 @@ from typing import get_args
 from .core.profiles import Strategy
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 1 (steps): 0 or a negative count is an argument error, not the profile's default."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a whole number of at least 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed {text}: a whole number from 0 to 2**63 - 1")
+    return value
+
+
+def _finite(text: str) -> float:
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jpsdxl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "checkpoint in --out unless --fresh")
     dist.add_argument("--profile", default="tiny")
     dist.add_argument("--out", default=None, help="output folder (default: runs/<profile>/03_distillation)")
-    dist.add_argument("--steps", type=int, default=None, help="override distill.steps")
+    dist.add_argument("--steps", type=_count, default=None, help="override distill.steps")
     dist.add_argument("--init", default=None, choices=get_args(Strategy), help="override the starting rows")
     dist.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
     gen = sub.add_parser("generate", help="draw images from Japanese prompts with the Japanese SDXL (base, then "
@@ -57,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    "default: the profile's trained Japanese model")
     gen.add_argument("--profile", default="tiny")
     gen.add_argument("--negative", default=None, help="negative prompt (Japanese works)")
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--size", type=int, default=None, help="height and width in pixels (multiple of 8)")
-    gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--seed", type=_seed, default=None, help="0 to 2**63 - 1")
+    gen.add_argument("--steps", type=_count, default=None)
+    gen.add_argument("--size", type=int, default=None, help="height and width in pixels (multiple of 8, at most 4096)")
+    gen.add_argument("--guidance", type=_finite, default=None)
     gen.add_argument("--high-noise-frac", type=float, default=None, help="hand-off point base -> refiner, in (0, 1)")
     gen.add_argument("--offload", action="store_true", help="small GPUs: model CPU offload + VAE tiling and slicing")
     train = sub.add_parser("train-shapes", help="retrain the shapes world (tiny VAE, base and refiner UNets) from "
@@ -73,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args)
-    except (FileNotFoundError, ValueError, ModelNotAvailable, ModuleNotFoundError) as e:  # bad profile/data, missing model
+    except (FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailable, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; finished artefacts stay, temporaries are cleaned
@@ -103,8 +127,7 @@ def _prepare(args) -> int:
     from .embedding_init import run as stage_2
     from .tokenization import run as stage_1
 
-    profile = load_profile(args.profile)
-    profile.check_device()
+    profile = load_profile(args.profile)  # no device check: preparing caches needs the network, not the GPU
     for role, folder in resolve_profile(profile).items():
         print(f"{role}: {folder}")
     print(f"stage 1: {stage_1(profile)}")
@@ -144,7 +167,7 @@ def _distill(args) -> int:
     from .core.runs import stage_dir
 
     profile = load_profile(args.profile)
-    overrides = {k: v for k, v in (("steps", args.steps), ("init", args.init)) if v}
+    overrides = {k: v for k, v in (("steps", args.steps), ("init", args.init)) if v is not None}
     try:
         run = D.run(profile, args.out, resume=not args.fresh, **overrides)
     except D.NonFiniteLoss as e:
@@ -155,7 +178,8 @@ def _distill(args) -> int:
         print(f"processes: {state.num_processes} ({state.distributed_type})")
         print(run.bad_lines)
         print(json.dumps(D.summary(run), indent=1))
-        print(f"wrote {run.folder or stage_dir(profile, 'distill')}/{{text_encoder,text_encoder_2,tokenizer,tokenizer_2}}")
+        folder = run.folder or stage_dir(profile, 'distill')
+        print(f"wrote {folder}/{{text_encoder,text_encoder_2,tokenizer,tokenizer_2}}")
     return 0
 
 
@@ -207,8 +231,8 @@ def _generate(args) -> int:
     if any(not p.strip() for p in prompts):
         raise ValueError("an empty prompt: give some text (SDXL's unconditional image needs no tool)")
     paths = output_paths(args.out, len(prompts))
-    if args.size is not None and (args.size < 8 or args.size % 8):
-        raise ValueError(f"--size {args.size}: a multiple of 8 (the VAE halves the size three times)")
+    if args.size is not None and (args.size < 8 or args.size % 8 or args.size > 4096):
+        raise ValueError(f"--size {args.size}: a multiple of 8 (the VAE halves the size three times), at most 4096")
     if args.high_noise_frac is not None and not 0 < args.high_noise_frac < 1:
         raise ValueError(f"--high-noise-frac {args.high_noise_frac}: a fraction between 0 and 1, e.g. 0.8")
     profile = load_profile(args.profile)
@@ -217,7 +241,7 @@ def _generate(args) -> int:
         raise ValueError(f"--offload moves each part between the CPU and a CUDA GPU; profile {profile.name!r} runs on "
                          f"{profile.device}: leave --offload out")
     model = A.japanese_model(profile, args.model)
-    base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device())
+    base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device(), offload=args.offload)
     overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                                        high_noise_frac=args.high_noise_frac).items() if v is not None}
     if args.size:
@@ -227,9 +251,8 @@ def _generate(args) -> int:
         encode_prompts(base.tokenizer, prompts)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    if args.offload:
-        for option in G.MEMORY_OPTIONS:
-            G.apply_memory_option(base, refiner, option)
+    if args.offload:  # offloaded as loaded (never moved to the GPU whole); the VAE decodes in tiles and slices
+        G.apply_memory_option(base, refiner, "vae tiling + slicing")
     try:
         images, _ = G.generate(profile, base, refiner, prompts,
                                negative_prompt=args.negative and [args.negative] * len(prompts), **overrides)

@@ -499,6 +499,7 @@ class TrainingPairs:
     extra_share: float
     seed: int
     report: BadLines | None = None
+    empty_share: float = 0.0  # ("", "") pairs: the reader drops empty sides, so the empty prompt comes only from here
 
     @property
     def streamed(self) -> bool:
@@ -508,7 +509,18 @@ class TrainingPairs:
         """The sequence from item ``start`` on. A streamed corpus is read as process ``rank`` of ``world`` reads it
         (its own shard; ``start`` counts that process's items); a list corpus is the same for every process."""
         corpus = self.corpus.sharded(rank, world) if self.streamed and world > 1 else self.corpus
-        return pair_stream(corpus, self.extra if self.extra_share > 0 else [], self.extra_share, self.seed, start)
+        pairs = pair_stream(corpus, self.extra if self.extra_share > 0 else [], self.extra_share, self.seed)
+        if self.empty_share > 0:  # its own random stream: the sequence without it stays what it was
+            pairs = _sprinkle(pairs, ("", ""), self.empty_share, random.Random(f"{self.seed}/empty"))
+        return islice(pairs, start, None)
+
+
+def _sprinkle(pairs: Iterator[Pair], pair: Pair, share: float, rng: random.Random) -> Iterator[Pair]:
+    """``pairs`` with ``pair`` put in before an item with probability ``share`` (so about ``share`` of the items)."""
+    for item in pairs:
+        while rng.random() < share:
+            yield pair
+        yield item
 
 
 def pair_stream(corpus, extra: list, extra_share: float, seed: int, start: int = 0):

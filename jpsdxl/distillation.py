@@ -50,24 +50,32 @@ from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebook
 
 @dataclass
 class HeldOut:
-    """Held-out pairs with their teacher outputs and the teacher's mean pooled output, computed once."""
+    """Held-out pairs with their teacher outputs and the teacher's mean pooled output, computed once; and the
+    teacher's outputs on the empty prompt, which classifier-free guidance encodes through the refiner's
+    ``text_encoder_2`` (its ``force_zeros_for_empty_prompt`` is false): the student must match it too."""
 
     ja: list[str]
     en: list[str]
     teacher: Outputs
     teacher_mean: torch.Tensor
+    teacher_empty: Outputs | None = None
 
     @classmethod
     def build(cls, teachers: "Teachers", pairs, reference_english) -> "HeldOut":
         return cls([p[0] for p in pairs], [p[1] for p in pairs], teachers.encode([p[1] for p in pairs]),
-                   teachers.encode(list(reference_english)).pooled.mean(0))
+                   teachers.encode(list(reference_english)).pooled.mean(0), teachers.encode([""]))
 
     def measure(self, students: "Students") -> dict:
         was_training = students.training
         students.eval()
-        out = encode(students.text_encoder, students.text_encoder_2, students.tokenizer, students.tokenizer_2, self.ja)
+        texts = self.ja + ([""] if self.teacher_empty is not None else [])
+        out = encode(students.text_encoder, students.text_encoder_2, students.tokenizer, students.tokenizer_2, texts)
         students.train(was_training)
-        return held_out_metrics(out, self.teacher, self.teacher_mean)
+        n = len(self.ja)
+        metrics = held_out_metrics(out[:n], self.teacher, self.teacher_mean)
+        if self.teacher_empty is not None:  # summed MSE of the three targets on "", as the held-out loss is
+            metrics["empty_prompt_loss"] = float(sum(loss_terms(out[n:], self.teacher_empty).values()))
+        return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -130,22 +138,12 @@ class Teachers:
 
 
 def load_teachers(profile, cache: bool | None = None) -> Teachers:
-    """The profile's English text encoders and tokenizers, read from the base pipeline's folder (the UNets and
-    the VAE are not loaded), in the profile's dtype, on its device."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    """The profile's English text encoders and tokenizers (``encoders.load_english``: no UNet, no VAE) as frozen
+    teachers; with ``cache`` (default: ``distill.cache_teacher``) each sentence's outputs are kept once computed."""
+    from .encoders import load_english
 
-    from .core.models import resolve_profile
-
-    profile.check_device()
-    folder = resolve_profile(profile)["SDXL base"]
-    variant = {"variant": profile.models.variant} if profile.models.variant else {}
-    kw = dict(dtype=profile.torch_dtype(), **variant)
-    te1 = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw).to(profile.torch_device())
-    te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw).to(profile.torch_device())
-    tok1 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    tok2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
     use_cache = profile.distill.cache_teacher if cache is None else cache
-    return Teachers(te1, te2, tok1, tok2, {} if use_cache else None)
+    return Teachers(*load_english(profile), {} if use_cache else None)
 
 
 def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "similarity", mapping=None,
@@ -220,17 +218,18 @@ class NonFiniteLoss(RuntimeError):
 class Run:
     """What a training run leaves: the trained students and what happened on the way."""
 
-    students: Students
+    students: Students | None  # None for ``compare``'s runs: their students are freed
     log: list[dict]  # one row per logged step: train loss terms, lr and (every eval_every) held-out metrics
     before: dict  # held-out metrics at step 0
     after: dict  # held-out metrics at the last step
     steps: int
-    seconds: float  # training time in this process (without the step-0 evaluation)
+    seconds: float  # training time in this process (without the held-out evaluations)
     samples_per_second: float
     peak_memory_gb: float | None  # CUDA peak allocated memory (None on a CPU)
     bad_lines: str  # the data report: bad lines met, with their numbers
     resumed_from: int | None = None
     folder: Path | None = None
+    mixed_precision: str = "no"  # what ran: the profile's, or an accelerate launch config's
 
 
 def _optimizer(students: Students, cfg, device):
@@ -256,6 +255,19 @@ def _scheduler(optimizer, cfg):
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+
+
+def _precision(profile_precision: str) -> str:
+    """The precision to run: an ``accelerate launch`` config or flag (which sets ``ACCELERATE_MIXED_PRECISION``)
+    wins over the profile, and a difference is said, not silently applied either way."""
+    import os
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched and launched != profile_precision:
+        print(f"mixed precision: {launched}, from accelerate launch (the profile says {profile_precision!r}; give "
+              f"launch --mixed_precision {profile_precision} to run the profile's)")
+        return launched
+    return profile_precision
 
 
 def _accelerator(mixed_precision: str):
@@ -296,26 +308,48 @@ def _prepare_students(students: Students, cfg) -> None:
             te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _resume(accelerator, folder: Path | None, cfg, seed: int) -> tuple[int, list[dict], int | None]:
+def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int) -> tuple[int, list[dict], int | None]:
     """(step, log, resumed_from) from the newest checkpoint in ``folder``, or a fresh start. accelerate's
-    ``load_state`` restores model, optimiser, scheduler and every RNG, which is what makes a resumed run bit-exact."""
+    ``load_state`` restores model, optimiser and every RNG (tensors only: ``weights_only`` loading), the scheduler
+    comes back from JSON: together they make a resumed run bit-exact, and nothing in a checkpoint can run code."""
     ckpt = latest_checkpoint(folder) if folder else None
     if ckpt is None:
         return 0, [], None
-    accelerator.load_state(str(ckpt))
+    pickles = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
+    if pickles:  # accelerate would unpickle these with weights_only=False, i.e. run whatever they hold
+        raise ValueError(f"{ckpt} holds {', '.join(pickles)}: pickled state this trainer never writes (loading it "
+                         f"could run code). Start fresh (--fresh, or resume=False), or delete {ckpt.parent}.")
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state["batch_size"] != cfg.batch_size or state["seed"] != seed:
-        raise ValueError(f"{ckpt} was written with batch_size {state['batch_size']} and seed {state['seed']}; "
-                         f"this run has {cfg.batch_size} and {seed}. Resume with the same settings, or pass "
-                         f"resume=False (--fresh) to start over.")
+    if "scheduler" not in state:
+        raise ValueError(f"{ckpt} was written without its scheduler state (by an older jpsdxl): start fresh "
+                         f"(--fresh, or resume=False).")
+    saved = state.get("settings", {}) | {"seed": state["seed"]}
+    differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in _fixed_settings(cfg, seed).items() if saved.get(k) != v]
+    if differ:  # the optimiser and schedule in the checkpoint were made for the old values: refuse, do not mix
+        raise ValueError(f"{ckpt} was written with other settings ({'; '.join(differ)}). Resume with the same "
+                         f"settings, or start fresh (--fresh, or resume=False).")
+    accelerator.load_state(str(ckpt))
+    scheduler.load_state_dict(state["scheduler"])
     return state["step"], state["log"], state["step"]
 
 
-def _save_checkpoint(accelerator, folder: Path | None, step: int, cfg, seed: int, log: list[dict]) -> None:
+# what a checkpoint's optimiser, schedule and data position were made for: a resumed run must not change them
+_FIXED = ("batch_size", "steps", "lr", "embedding_lr", "schedule", "warmup_steps", "weight_decay", "loss_weights")
+
+
+def _fixed_settings(cfg, seed: int) -> dict:
+    return {"seed": seed, **{k: getattr(cfg, k) for k in _FIXED}}
+
+
+def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: int, cfg, seed: int,
+                     log: list[dict]) -> None:
     """``folder/checkpoints/step-NNNNNNN`` via accelerate's ``save_state``, written under a temporary name and
     renamed only once complete (an atomic write: a reader never sees half a checkpoint); older ones pruned."""
     if folder is None:
         return
+    if not all(torch.isfinite(p).all() for p in model.parameters()):  # only finite weights are a good checkpoint
+        raise NonFiniteLoss(f"the weights are no longer finite at step {step}: no checkpoint written. Lower "
+                            f"distill.lr, then start over: jpsdxl distill --fresh (resume=False).")
     dest = folder / "checkpoints" / f"step-{step:07d}"
     tmp = dest.with_name(f".{dest.name}.partial")
     if accelerator.is_main_process:
@@ -325,7 +359,9 @@ def _save_checkpoint(accelerator, folder: Path | None, step: int, cfg, seed: int
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / "trainer_state.json", {"step": step, "batch_size": cfg.batch_size, "seed": seed,
-                                                 "pairs_seen": step * cfg.batch_size, "log": log})
+                                                 "pairs_seen": step * cfg.batch_size, "log": log,
+                                                 "scheduler": scheduler.state_dict(),  # JSON: no pickle
+                                                 "settings": _fixed_settings(cfg, seed)})
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         for old in sorted(p for p in dest.parent.glob("step-*") if _CKPT.fullmatch(p.name))[:-cfg.keep_checkpoints]:
@@ -379,13 +415,18 @@ def _forward_backward(accelerator, model, students: Students, teachers: Teachers
     return accelerator.reduce(torch.tensor([totals[t] for t in TARGETS], device=accelerator.device), "mean")
 
 
-def _non_finite(reduced: torch.Tensor, step: int, folder: Path | None) -> NonFiniteLoss:
+def _non_finite(reduced: torch.Tensor, norm, step: int, folder: Path | None, precision: str) -> NonFiniteLoss:
     last = latest_checkpoint(folder) if folder else None
+    # bf16 keeps fp32's range; only suggest it where the card has it (a T4, sm75, has not)
+    bf16 = precision == "fp16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return NonFiniteLoss(
-        f"the training loss became {reduced.sum().item()} at step {step + 1}: training stopped. "
-        + (f"The last good checkpoint is kept: {last}. " if last else "No checkpoint was written yet. ")
-        + "Lower distill.lr (or embedding_lr), add warmup_steps, or use mixed_precision = 'bf16' "
-          "instead of 'fp16'; then resume.")
+        f"the training loss became {reduced.sum().item()} (gradient norm {float(norm)}) at step {step + 1}: training "
+        f"stopped before the step was taken. "
+        + (f"The last checkpoint, with finite weights, is kept: {last} (resumed with the same settings, it would "
+           f"likely diverge again). " if last else "No checkpoint was written yet. ")
+        + "Lower distill.lr (or embedding_lr), add warmup_steps or lower distill.loss_weights"
+        + (", or use mixed_precision = 'bf16' instead of 'fp16'" if bf16 else "")
+        + "; then start over: jpsdxl distill --fresh (resume=False).")
 
 
 def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg, seed: int = 0,
@@ -402,7 +443,7 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    accelerator = _accelerator(cfg.mixed_precision)
+    accelerator = _accelerator(_precision(cfg.mixed_precision))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"distill.batch_size = {cfg.batch_size} must split evenly over {world} process(es) x "
@@ -412,10 +453,12 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     students.to(device)
     optimizer = _optimizer(students, cfg, device)
     scheduler = _scheduler(optimizer, cfg)
-    model, optimizer = accelerator.prepare(students, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer = accelerator.prepare(students, optimizer)  # the scheduler is checkpointed as JSON, by us
     folder = Path(folder) if folder else None
-    step, log, resumed_from = _resume(accelerator, folder, cfg, seed) if resume else (0, [], None)
+    if folder and not resume and accelerator.is_main_process:  # a fresh run never keeps, or later resumes into,
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # another run's checkpoints
+    accelerator.wait_for_everyone()
+    step, log, resumed_from = _resume(accelerator, scheduler, folder, cfg, seed) if resume else (0, [], None)
     before = log[0] if log else {"step": 0, **{f"eval_{k}": v for k, v in held_out.measure(students).items()}}
     if not log:
         log.append(before)
@@ -429,15 +472,15 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     # them can overflow the kernel's message queue (nbval then misses the end of the cell)
     bar = tqdm(total=cfg.steps, initial=step, desc="distillation", mininterval=1.0,
                disable=not progress or not accelerator.is_main_process)
-    started, first_step = time.perf_counter(), step
+    started, first_step, evaluating = time.perf_counter(), step, 0.0
     model.train()
     for batch in batches(stream, cfg.batch_size, rank, world, pairs.streamed):
         if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
             break
         reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg)
-        if not torch.isfinite(reduced).all():
-            raise _non_finite(reduced, step, folder)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not (torch.isfinite(reduced).all() and torch.isfinite(norm)):  # a weighted term or a gradient overflowed
+            raise _non_finite(reduced, norm, step, folder, accelerator.mixed_precision)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -446,20 +489,23 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
         row = {"step": step, "lr": scheduler.get_last_lr()[-1],
                **{f"train_{t}": round(float(v), 6) for t, v in zip(TARGETS, reduced)}}
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            t0 = time.perf_counter()  # held-out evaluations are not training time: kept out of the rate
             row.update({f"eval_{k}": v for k, v in held_out.measure(students).items()})
+            evaluating += time.perf_counter() - t0
             bar.set_postfix(loss=f"{row['eval_loss']:.4f}", top1=f"{row['eval_pool100_top1']:.1%}")
         if step % log_every == 0 or "eval_loss" in row:
             log.append(row)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(accelerator, folder, step, cfg, seed, log)
+            _save_checkpoint(accelerator, model, scheduler, folder, step, cfg, seed, log)
     bar.close()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - evaluating
     after = next((r for r in reversed(log) if "eval_loss" in r), before)
     return Run(students=accelerator.unwrap_model(model), log=log, before=_eval_part(before), after=_eval_part(after),
                steps=step, seconds=seconds,
                samples_per_second=(step - first_step) * cfg.batch_size / seconds if seconds > 0 else float("nan"),
                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-               bad_lines=str(pairs.report), resumed_from=resumed_from, folder=folder)
+               bad_lines=str(pairs.report), resumed_from=resumed_from, folder=folder,
+               mixed_precision=accelerator.mixed_precision)
 
 
 def _eval_part(row: dict) -> dict:
@@ -485,9 +531,11 @@ class Setup:
     held_out: HeldOut
     mapping: object = None
 
-    def pairs(self, share: float) -> TrainingPairs:
-        """The training stream: the training split with ``share`` of the items drawn from ``extra_pairs``."""
-        return TrainingPairs(self.splits.train, self.extra_pairs, share, self.profile.seed, self.splits.report)
+    def pairs(self, share: float, empty_share: float = 0.0) -> TrainingPairs:
+        """The training stream: the training split with ``share`` of the items drawn from ``extra_pairs`` and
+        ``empty_share`` of them the empty pair."""
+        return TrainingPairs(self.splits.train, self.extra_pairs, share, self.profile.seed, self.splits.report,
+                             empty_share)
 
 
 def prepare(profile) -> Setup:
@@ -524,8 +572,9 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
     students = make_students(setup.teachers, setup.tokenizer, setup.tokenizer_2, strategy, setup.mapping,
                              causal=cfg.causal, seed=p.seed, top_k=p.init.top_k, temperature=p.init.temperature,
                              threshold=p.init.threshold)
-    return train(setup.teachers, students, setup.pairs(cfg.shapes_share), setup.held_out, cfg, seed=p.seed,
-                 folder=folder, resume=resume, progress=progress, stop_after=stop_after)
+    pairs = setup.pairs(cfg.shapes_share, cfg.empty_share)
+    return train(setup.teachers, students, pairs, setup.held_out, cfg, seed=p.seed, folder=folder, resume=resume,
+                 progress=progress, stop_after=stop_after)
 
 
 def run(profile, out: str | Path | None = None, resume: bool = True, progress: bool = True, **overrides) -> Run:
@@ -555,13 +604,17 @@ def summary(run: Run) -> dict:
 
 def compare(setup: Setup, variants: dict[str, dict], steps: int, progress: bool = True) -> dict[str, Run]:
     """One run per variant (its keyword overrides), all with the same budget, seed and data order. The warm-up is
-    scaled to the budget (the same share of it as in the profile's run), so a short run is not mostly warm-up."""
+    scaled to the budget (the same share of it as in the profile's run), so a short run is not mostly warm-up.
+    The runs keep their logs and metrics, not their students (freed as each run ends)."""
     from tqdm.auto import tqdm
 
     cfg = setup.profile.distill
     common = {"steps": steps, "warmup_steps": round(cfg.warmup_steps * steps / cfg.steps)}
-    return {name: distil(setup, progress=False, **(common | overrides))
-            for name, overrides in tqdm(variants.items(), desc="runs", disable=not progress)}
+    runs = {}
+    for name, overrides in tqdm(variants.items(), desc="runs", disable=not progress):
+        runs[name] = distil(setup, progress=False, **(common | overrides))
+        runs[name].students = None  # only the numbers are compared: never hold every run's students at once
+    return runs
 
 
 # -----------------------------------------------------------------------------

@@ -348,29 +348,30 @@ def lexicon_accuracy(mapping: Mapping, lexicon: list[tuple[str, str]]) -> dict:
 # 6. what each start is worth before any training
 
 
-def compare_inits(base, ja_tokenizers, mapping_1: Mapping, mapping_2: Mapping, held_out: list[tuple[str, str]],
+def compare_inits(english, ja_tokenizers, mapping_1: Mapping, mapping_2: Mapping, held_out: list[tuple[str, str]],
                   reference_english: list[str], strategies=STRATEGIES, **options) -> dict[str, dict]:
     """For each strategy: Japanese copies of both encoders, started that way, measured at step 0 against the
     English teachers on ``held_out`` (ja, en) pairs: the loss stage 3 minimises, centred cosines and pool-100
     retrieval (``distillation.held_out_metrics``). ``reference_english`` (training sentences) gives the teacher's
     mean pooled output that the cosines are centred on.
 
+    ``english``: the English encoders and tokenizers (``encoders.load_english``, or a pipeline: the same names).
     ``mapping_1`` / ``mapping_2`` map the vocabularies of ``tokenizer`` / ``tokenizer_2`` (the same pieces, so
     usually the same mapping).
     """
     from .targets import encode, held_out_metrics
 
     tok, tok_2 = ja_tokenizers
-    te1, te2 = base.text_encoder, base.text_encoder_2
+    te1, te2 = english.text_encoder, english.text_encoder_2
     ja, en = [p[0] for p in held_out], [p[1] for p in held_out]
-    teacher = encode(te1, te2, base.tokenizer, base.tokenizer_2, en)
-    teacher_mean = encode(te1, te2, base.tokenizer, base.tokenizer_2, reference_english).pooled.mean(0)
+    teacher = encode(te1, te2, english.tokenizer, english.tokenizer_2, en)
+    teacher_mean = encode(te1, te2, english.tokenizer, english.tokenizer_2, reference_english).pooled.mean(0)
     results = {}
     for strategy in strategies:
         rows_1 = initial_rows(strategy, mapping_1, te1.get_input_embeddings().weight, len(tok), **options)
         rows_2 = initial_rows(strategy, mapping_2, te2.get_input_embeddings().weight, len(tok_2), **options)
-        s1 = japanese_copy(te1, tok, base.tokenizer, rows=rows_1)
-        s2 = japanese_copy(te2, tok_2, base.tokenizer_2, rows=rows_2)
+        s1 = japanese_copy(te1, tok, english.tokenizer, rows=rows_1)
+        s2 = japanese_copy(te2, tok_2, english.tokenizer_2, rows=rows_2)
         results[strategy] = held_out_metrics(encode(s1, s2, tok, tok_2, ja), teacher, teacher_mean)
     return results
 

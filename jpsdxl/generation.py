@@ -50,6 +50,31 @@ def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=No
     return base, refiner
 
 
+def with_text_parts(pipelines, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
+    """New (base, refiner) that share ``pipelines``' UNets, VAE and scheduler and read prompts through the given
+    encoders and tokenizers (cast to the pipelines' dtype and device): a model to compare costs its text parts only."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base, refiner = pipelines
+    te1, te2 = (te.to(base.unet.device, base.unet.dtype) for te in (text_encoder, text_encoder_2))
+    new_base = StableDiffusionXLPipeline(**_settings(base), **{**base.components, "text_encoder": te1,
+                                         "text_encoder_2": te2, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2})
+    new_refiner = StableDiffusionXLImg2ImgPipeline(**_settings(refiner), **{**refiner.components,
+                                                   "text_encoder_2": te2, "tokenizer_2": tokenizer_2})
+    for pipe in (new_base, new_refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return new_base, new_refiner
+
+
+def _settings(pipe) -> dict:
+    """A pipeline's own settings (the refiner's ``requires_aesthetics_score``, ``force_zeros_for_empty_prompt``):
+    the arguments of its constructor that are not components, as its config recorded them."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__init__).parameters
+    return {k: pipe.config[k] for k in params if k in pipe.config and k not in pipe.components}
+
+
 @torch.no_grad()
 def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidance_scale: float,
               high_noise_frac: float, height: int, width: int, seed: int = 0, output_type: str = "pil"):

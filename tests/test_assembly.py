@@ -136,3 +136,116 @@ def test_a_gpu_out_of_memory_is_one_line_that_says_what_to_try(model, tmp_path, 
     assert main(["generate", "赤い丸", "--model", str(model), "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "ran out of memory: try --offload" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def _live_unets() -> int:
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    gc.collect()
+    return sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects())
+
+
+def test_the_compared_models_share_one_unet_pair(tiny, model, pipelines, ja_tokenizers, tmp_path, monkeypatch):
+    """Notebook 04's models differ only in text encoders and tokenizers: however many it compares, the English UNets
+    are the only ones resident (on `full` each further pair would be ~10 GB)."""
+    import torch
+
+    from jpsdxl import embedding_init as E
+
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))  # a stage-2 mapping for the "init only" model
+    ja, en = E.japanese_vocab(ja_tokenizers[0]), E.clip_vocab(pipelines[0].tokenizer)
+    rng = torch.Generator().manual_seed(0)
+    E.save_mapping(E.Mapping(ja, en, torch.rand(len(ja), 5, generator=rng),
+                             torch.as_tensor(en.ids)[torch.randint(len(en), (len(ja), 5), generator=rng)]),
+                   tmp_path / "tiny" / "02_embedding_init")
+    before = _live_unets()
+    variants = A.japanese_variants(tiny, model.parent / "students", model, pipelines)
+    assert set(variants) == {"untrained (mean rows)", "init only (similarity)", "distilled"}
+    assert _live_unets() == before
+    assert all(b.unet is pipelines[0].unet and r.unet is pipelines[1].unet for b, r in variants.values())
+    assert variants["distilled"][1].config.requires_aesthetics_score  # the refiner's own settings kept
+
+
+def test_the_profiles_vae_reaches_the_assembled_model(tiny, model, tmp_path):
+    """full names an fp16-safe VAE: the Japanese model must decode with it, as the English baseline does."""
+    import shutil
+
+    from jpsdxl.core.models import resolve
+    from jpsdxl.core.profiles import derive
+
+    vae = tmp_path / "my-vae"
+    shutil.copytree(resolve(tiny.models.base) / "vae", vae)
+    out = A.assemble(derive(tiny, models={"vae": str(vae)}), model.parent / "students", tmp_path / "m")
+    assert (out["base"] / "vae").resolve() == vae.resolve() == (out["refiner"] / "vae").resolve()
+    plain = A.assemble(tiny, model.parent / "students", tmp_path / "plain")
+    assert (plain["base"] / "vae").resolve() != vae.resolve()
+
+
+def test_offload_replaces_moving_the_pipelines_to_the_gpu(model, monkeypatch):
+    """diffusers' SDXL docs: enable_model_cpu_offload instead of .to("cuda"); moving first would hold every
+    component on the card at once (a 10.7 GiB spike on full)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    calls = []
+    for cls in (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline):
+        monkeypatch.setattr(cls, "enable_model_cpu_offload", lambda self, device=None: calls.append(("offload", device)))
+        monkeypatch.setattr(cls, "to", lambda self, *a, **k: calls.append(("to", a)) or self)
+    A.load_assembled(model, device="cuda", offload=True)
+    assert calls == [("offload", "cuda")] * 2
+    calls.clear()
+    A.load_assembled(model, device="cpu")
+    assert calls == [("to", ("cpu",))] * 2
+
+
+def test_a_model_laid_out_like_the_published_one_draws_by_hub_id(tiny, model, small_spm, tmp_path, monkeypatch,
+                                                                 capsys):
+    """tohoku-nlp/stable-diffusion-xl-jp-{base,refiner}-1.0 hold no fp16 variant files and their tokenizers as
+    spiece.model + a T5-style config. A profile that asks for variant="fp16" must fall back to the plain files."""
+    import json
+    import shutil
+
+    from jpsdxl.core import hub
+    from jpsdxl.core.profiles import derive, save_profile
+
+    published = {}
+    for role in ("base", "refiner"):
+        folder = published[role] = tmp_path / f"jp-{role}-1.0"
+        shutil.copytree(model / role, folder, symlinks=False)  # plain files, as a hub snapshot holds them
+        index = json.loads((folder / "model_index.json").read_text())
+        for name in ("tokenizer", "tokenizer_2"):
+            if index.get(name, [None])[0] is None:
+                continue
+            shutil.rmtree(folder / name)
+            (folder / name).mkdir()
+            shutil.copy(small_spm, folder / name / "spiece.model")
+            (folder / name / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "T5Tokenizer", "eos_token": "<|endoftext|>", "unk_token": "<unk>",
+                 "pad_token": "<pad>", "extra_ids": 0, "model_max_length": 77}))
+            index[name] = ["transformers", "T5Tokenizer"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    assert not A.has_variant(published["base"], "fp16")
+    monkeypatch.setattr(hub, "_download", lambda spec, kind, variant: published[spec.split("-")[1]])
+    profile = save_profile(derive(tiny, name="tiny-fp16", models={"variant": "fp16"}), tmp_path / "tiny-fp16.toml")
+    out = tmp_path / "kitten.png"
+    assert main(["generate", "赤い丸", "--profile", str(profile), "--model", "someone/jp-base-1.0", "--out", str(out),
+                 "--steps", "2"]) == 0, capsys.readouterr().err
+    assert out.exists()
+
+
+def test_a_model_assembled_from_older_encoders_is_assembled_again(tiny, model, tmp_path, monkeypatch, capsys):
+    """`jpsdxl distill --fresh` after an earlier run: `jpsdxl generate` must not draw with the old encoders."""
+    import shutil
+
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
+    students = tmp_path / "tiny" / "03_distillation"
+    shutil.copytree(model.parent / "students", students)
+    first = A.japanese_model(tiny)
+    recorded = (first.base.parent / "source.json").read_text()
+    assert A.japanese_model(tiny) == first and "assembling it again" not in capsys.readouterr().err
+    config = students / "text_encoder" / "config.json"
+    config.write_text(config.read_text() + "\n")  # stage 3 wrote new encoders
+    assert A.japanese_model(tiny) == first
+    assert "assembling it again" in capsys.readouterr().err
+    assert (first.base.parent / "source.json").read_text() != recorded

@@ -91,3 +91,26 @@ def test_jpsdxl_init_writes_the_mapping_that_stage_3_reads(tmp_path, monkeypatch
     assert rows[0] == "ja_piece\ten_token\tscore" and len(rows) == len(mapping.ja) + 1
     best = {r.split("\t")[0]: r.split("\t")[1] for r in rows[1:]}
     assert best["猫"] == "cat" and best["犬"] == "dog"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill", "--steps", "0"], "0: give a whole number of at least 1"),
+    (["distill", "--steps", "-5"], "-5: give a whole number of at least 1"),
+    (["generate", "猫", "--steps", "0"], "0: give a whole number of at least 1"),
+    (["generate", "猫", "--seed", str(2**70)], "--seed 1180591620717411303424: a whole number from 0 to 2**63 - 1"),
+    (["generate", "猫", "--guidance", "nan"], "nan: give a finite number"),
+])
+def test_bad_numbers_are_refused_before_anything_runs(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_image_size_that_cannot_fit_and_a_runs_folder_that_is_a_file_are_one_line(tmp_path, monkeypatch, capsys):
+    assert main(["generate", "猫", "--size", "1000000", "--out", str(tmp_path / "x.png")]) == 2
+    assert "at most 4096" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path / "afile"))
+    assert main(["distill", "--profile", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file: point it at a folder" in err

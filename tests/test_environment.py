@@ -72,8 +72,19 @@ def test_every_import_is_declared():
 def test_core_install_leaves_colabs_jupyter_alone():
     assert not {_name(r) for r in PROJECT["dependencies"]} & JUPYTER
     assert {"papermill", "nbval", "jupyterlab"} <= {_name(r) for g in PROJECT["optional-dependencies"].values() for r in g}
-    setup = (ROOT / "notebooks" / "00_overview.ipynb").read_text()
-    assert "pip\\\", \\\"install\\\", \\\"-q\\\", \\\"-e\\\", \\\"/content/jpsdxl\\\"" in setup  # the core, no extras
+    from jpsdxl.notebook.colab import install_command
+
+    assert install_command("/content/jpsdxl")[-1] == "/content/jpsdxl[gpu]"  # the core and the GPU extra only
+
+
+def test_every_notebook_opens_with_the_colab_setup():
+    """Each notebook runs alone on Colab (a learner may open 03 first): each installs, none assumes another did."""
+    import json
+
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        setup = "".join(code[0]["source"])
+        assert "google.colab" in setup and "check=True" in setup and "setup(" in setup, path.name
 
 
 def _module_name(path: Path) -> str:
@@ -121,7 +132,7 @@ LAYERS = [
     ["jpsdxl.distillation"],  # stage 3
     ["jpsdxl.generation", "jpsdxl.assembly"],  # stage 4
     ["jpsdxl.shapes.training", "jpsdxl.notebook", "jpsdxl.notebook.overview", "jpsdxl.notebook.tables",
-     "jpsdxl.notebook.measure", "jpsdxl.notebook.costs", "jpsdxl.notebook.plotting"],
+     "jpsdxl.notebook.measure", "jpsdxl.notebook.costs", "jpsdxl.notebook.plotting", "jpsdxl.notebook.colab"],
     ["jpsdxl.runner", "jpsdxl.cli"],
 ]
 

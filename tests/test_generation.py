@@ -143,3 +143,26 @@ def test_memory_options_are_applied_in_place(tiny):
     assert base.vae.use_tiling and base.vae.use_slicing and refiner.vae is base.vae
     with pytest.raises(ValueError, match="unknown memory option"):
         generation.apply_memory_option(base, refiner, "download more RAM")
+
+
+def test_judged_generation_in_bounded_batches_draws_the_same_images(tiny, pipelines):
+    """notebook 04 on `full` renders its held-out prompts generate.batch_size at a time (memory bound); the images do
+    not depend on it, so `tiny` can take them all at once."""
+    import dataclasses
+
+    from jpsdxl.shapes import world
+
+    prompts, targets = world.english_prompts()
+    small = dataclasses.replace(tiny, generate=dataclasses.replace(tiny.generate, batch_size=5, steps=4))
+    large = dataclasses.replace(small, generate=dataclasses.replace(small.generate, batch_size=64))
+    calls = []
+    base, refiner = pipelines
+    original = type(base).__call__
+    type(base).__call__ = lambda self, *a, **k: calls.append(len(k["prompt"])) or original(self, *a, **k)
+    try:
+        scores_small, images_small = measure.evaluate(small, base, refiner, prompts, targets, seeds=(1000,))
+    finally:
+        type(base).__call__ = original
+    scores_large, images_large = measure.evaluate(large, base, refiner, prompts, targets, seeds=(1000,))
+    assert calls == [5, 5, 5, 3]
+    assert np.abs(images_small.astype(int) - images_large.astype(int)).max() <= 1 and scores_small == scores_large

@@ -93,3 +93,11 @@ def test_choices_come_from_one_declaration(tmp_path, body, message):
     with pytest.raises(ProfileError, match=message):
         load_profile(_write(tmp_path, body))
     assert embedding_init.STRATEGIES == typing.get_args(Strategy)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_learning_rate_must_be_a_finite_number(tmp_path, value):
+    from jpsdxl.core.profiles import ProfileError
+
+    with pytest.raises(ProfileError, match=rf"distill.lr = {value.lstrip('-')}|distill.lr = -{value.lstrip('-')}"):
+        load_profile(_write(tmp_path, MODELS + f"[distill]\nlr = {value}\n"))

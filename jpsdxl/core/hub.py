@@ -1,9 +1,9 @@
 """Fetch a model from the Hugging Face hub (or find it in a local folder): a hub id or folder in, a folder out.
 
 Every loader in jpsdxl calls ``from_pretrained(models.resolve(...))``: on the ``tiny`` profile that is a folder
-the zoo built from configs, on ``full`` a hub snapshot that this file fetched. Offline (``HF_HUB_OFFLINE=1``) a hub model that is not in
-the local cache fails here, at once, with a message that names the model and says what to do, instead of a
-stack trace from deep inside huggingface_hub halfway through a notebook.
+the zoo built from configs, on ``full`` a hub snapshot that this file fetched. Offline (``HF_HUB_OFFLINE=1``) a
+hub model that is not in the local cache fails here, at once, with a message that names the model and says what
+to do, instead of a stack trace from deep inside huggingface_hub halfway through a notebook.
 
 Only what ``from_pretrained`` will read is fetched. SDXL's hub repos hold every weight in several forms (Flax,
 ONNX, OpenVINO, fp32 and fp16 PyTorch, single-file checkpoints): a plain ``snapshot_download`` of the base

@@ -21,6 +21,7 @@ This file is not where models are found (``models.py``) or data read (``data.py`
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -112,6 +113,7 @@ class DistillConfig:
     optimizer: Optimizer = "adamw"  # adamw (fused on CUDA, foreach elsewhere) | adamw8bit (bitsandbytes, CUDA)
     cache_teacher: bool = False  # keep teacher outputs in memory (small data); else computed on the fly
     shapes_share: float = 0.0  # share of training pairs drawn from the shapes world's training captions
+    empty_share: float = 0.0  # share of training pairs that are ("", ""): the empty prompt guidance encodes
     eval_pairs: int = 1000  # held-out pairs (pools of 100: chance 1 %)
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -127,6 +129,7 @@ class GenerateConfig:
     guidance_scale: float = 7.5
     high_noise_frac: float = 0.8  # base denoises [0, 0.8), the refiner [0.8, 1]
     clip_model: str | None = None  # CLIP score of stage 4's images: an open_clip "<architecture>/<pretrained tag>"
+    batch_size: int = 4  # images per pipeline call when a notebook measures many (memory grows with it at 1024²)
 
 
 @dataclass(frozen=True)
@@ -193,8 +196,8 @@ def _type_ok(value, hint) -> bool:
     if origin is dict:
         return isinstance(value, dict) and all(isinstance(k, str) and _type_ok(v, typing.get_args(hint)[1])
                                                for k, v in value.items())
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # a finite number: lr = nan or inf would pass a "> 0" check and break training later
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
@@ -251,6 +254,7 @@ def _check_values(p: Profile, path: Path) -> None:
     if p.data.valid_fraction + p.data.test_fraction >= 1:
         bad("data.valid_fraction + test_fraction", p.data.valid_fraction + p.data.test_fraction, "leaves no training data")
     for key, value, low in (("tokenizer.vocab_size", p.tokenizer.vocab_size, 100), ("generate.steps", p.generate.steps, 1),
+                            ("generate.batch_size", p.generate.batch_size, 1),
                             ("generate.height", p.generate.height, 8), ("generate.width", p.generate.width, 8),
                             ("tokenizer.train_sentences", p.tokenizer.train_sentences, 1),
                             ("tokenizer.max_length", p.tokenizer.max_length, 3)):
@@ -279,8 +283,9 @@ def _check_values(p: Profile, path: Path) -> None:
         bad("distill.loss_weights", d.loss_weights, "a table of h1, h2, pooled = weights >= 0")
     if d.pad_positions is not None and d.pad_positions < 0:
         bad("distill.pad_positions", d.pad_positions, "a number of padding positions >= 0 (leave it out for all 77)")
-    if not 0 <= d.shapes_share < 1:
-        bad("distill.shapes_share", d.shapes_share, "a share in [0, 1)")
+    for key, value in (("distill.shapes_share", d.shapes_share), ("distill.empty_share", d.empty_share)):
+        if not 0 <= value < 1:
+            bad(key, value, "a share in [0, 1)")
     if d.lr <= 0 or (d.embedding_lr is not None and d.embedding_lr <= 0):
         bad("distill.lr", d.lr, "learning rates must be positive")
     if not 0 < p.generate.high_noise_frac <= 1:

@@ -38,7 +38,10 @@ def runs_root() -> Path:
     """``$JPSDXL_RUNS``, else ``./runs``; inside a checkout's ``notebooks/`` (Jupyter's working directory for a
     notebook) the checkout's own ``runs/``, so the notebooks and the ``jpsdxl`` command share their outputs."""
     if os.environ.get("JPSDXL_RUNS"):
-        return Path(os.environ["JPSDXL_RUNS"]).expanduser().resolve()
+        root = Path(os.environ["JPSDXL_RUNS"]).expanduser().resolve()
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"JPSDXL_RUNS={root} is a file: point it at a folder (it is made if missing)")
+        return root
     cwd = Path.cwd()
     if cwd.name == "notebooks" and (cwd.parent / "jpsdxl" / "__init__.py").is_file():
         return cwd.parent / "runs"
@@ -49,6 +52,8 @@ def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None 
     """``runs/<profile>[/<notebook>]``; ``root`` overrides ``runs_root()``. ``create=False`` only names it (for a
     file that may or may not be there, such as stage 2's mapping)."""
     base = Path(root) if root else runs_root()
+    if base.exists() and not base.is_dir():
+        raise NotADirectoryError(f"{base} is a file, not a folder for the runs: give a folder (--runs DIR)")
     path = base / profile / notebook if notebook else base / profile
     if create:
         path.mkdir(parents=True, exist_ok=True)

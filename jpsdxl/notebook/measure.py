@@ -18,19 +18,27 @@ from ..shapes.world import EVAL_SEEDS, score
 # judged generation on the shapes world
 
 
+def batched(items, size: int) -> list[list]:
+    """``items`` in runs of at most ``size`` (``generate.batch_size``): each image's noise comes from its own
+    generator, so the images are the same whatever the batch, and the memory is bounded by it."""
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str, str]], seeds=EVAL_SEEDS,
              refine: bool = True, **overrides) -> tuple[dict, np.ndarray]:
     """Generate every prompt with every seed at the profile's settings and judge the images.
 
     ``refine=False`` runs the base alone over the whole schedule, to measure what the refiner changes. Seeds
-    default to ones the training never used. Returns (scores, images ``[seeds, prompts, H, W, 3]`` uint8).
+    default to ones the training never used. Prompts go through in batches of ``generate.batch_size``. Returns (scores, images ``[seeds, prompts, H, W, 3]`` uint8).
     """
     from ..generation import generate
 
     images = []
     for seed in seeds:
-        out, _ = generate(profile, base, refiner, prompts, refine=refine, seed=seed, output_type="np", **overrides)
-        images.append((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8))
+        out = np.concatenate([generate(profile, base, refiner, part, refine=refine, seed=seed, output_type="np",
+                                       **overrides)[0] for part in batched(prompts, profile.generate.batch_size)])
+        images.append((out * 255).round().clip(0, 255).astype(np.uint8))
     images = np.stack(images)
     return score(images.reshape(-1, *images.shape[2:]), list(targets) * len(seeds)), images
 
@@ -83,9 +91,10 @@ def stage_seconds(profile, base, refiner, prompts, **overrides) -> dict:
 def final_latents(profile, pipelines, prompts, seeds=(0, 1)) -> torch.Tensor:
     """``[seeds, prompts, C*H*W]``: the refiner's final latents for each prompt and seed (float32, CPU)."""
     base, refiner = pipelines
-    out = [torch.as_tensor(generate(profile, base, refiner, prompts, seed=s, output_type="latent")[0]).float().flatten(1)
+    out = [torch.cat([torch.as_tensor(generate(profile, base, refiner, part, seed=s, output_type="latent")[0])
+                      .float().flatten(1).cpu() for part in batched(prompts, profile.generate.batch_size)])
            for s in seeds]
-    return torch.stack(out).cpu()
+    return torch.stack(out)
 
 
 def agreement(japanese: torch.Tensor, english: torch.Tensor) -> dict:
