@@ -280,6 +280,9 @@ def iter_pairs_datasets(
             if (pair := _check_pair(ja, en, i, report)) is not None:
                 report.kept += 1
                 yield pair
+    except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1) and not cached, or the hub unreachable
+        raise DataError(f"hf:{name} is not available: {str(e)[:200]}. Without internet, point data.pairs at a local "
+                        f"copy (a .tsv/.jsonl file or a folder of them), or use --profile tiny.") from None
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         raise DataError(f"hf:{name}: the datasets library could not parse it after {report.read:,} records: "
@@ -393,6 +396,23 @@ class Splits:
         return {name: "streamed" if self.streamed else len(getattr(self, name)) for name in ("train", "valid", "test")}
 
 
+def japanese_share(texts) -> float:
+    """Share of the letters in ``texts`` that are kana or kanji (punctuation, digits and spaces not counted)."""
+    letters = [c for text in texts for c in text if c.isalpha()]
+    japanese = sum("\u3040" <= c <= "\u30ff" or "\u3400" <= c <= "\u9fff" or "\uff66" <= c <= "\uff9f" for c in letters)
+    return japanese / max(len(letters), 1)
+
+
+def check_sides(pairs: list[Pair], source: str) -> None:
+    """Stop, in one line, when the "Japanese" side of a sample is mostly not Japanese (swapped columns train a
+    Japanese tokenizer on English, silently)."""
+    ja, en = japanese_share(p[0] for p in pairs), japanese_share(p[1] for p in pairs)
+    if pairs and ja < 0.5:
+        hint = " and the English side is Japanese: the columns look swapped" if en > 0.5 else ""
+        raise DataError(f"{source}: only {ja:.0%} of the letters on the Japanese side are kana or kanji{hint}. "
+                        f"Japanese comes first (ja<TAB>en), or name the fields with data.ja_field / data.en_field.")
+
+
 def japanese_side(split, limit: int | None = None) -> list[str]:
     """The Japanese sentences of a split: all of a list split, the first ``limit`` of a streamed one (a stream of
     tens of millions is never read whole to train a tokenizer)."""
@@ -480,6 +500,7 @@ def load_pairs(profile) -> Splits:
     splits = split_pairs(open_stream(), cfg.valid_fraction, cfg.test_fraction, profile.seed, report)
     if not splits.train:
         raise DataError(f"{cfg.pairs}: no usable pairs.\n{report}")
+    check_sides(splits.train[:1000], cfg.pairs)
     if report.skipped and any(not r.startswith("no translation") for r in report.reasons):
         print(report)
     return splits

@@ -542,16 +542,20 @@ def prepare(profile) -> Setup:
     """Load what ``distil`` needs for ``profile``: the held-out set is ``distill.eval_pairs`` test pairs, the
     teacher's mean output is taken over 5,000 randomly drawn training sentences, and the extra pairs are the shapes
     world's *training* captions (its held-out combinations and phrasings stay out: stage 4 tests on them)."""
-    from .data import japanese_side, load_pairs, sample, take
+    from .data import DataError, japanese_side, load_pairs, sample, take
     from .embedding_init import stage_mapping
     from .shapes.world import caption_pairs
     from .tokenization import japanese_tokenizers
 
     splits = load_pairs(profile)
+    held_out_pairs = take(splits.test, profile.distill.eval_pairs)
+    if len(held_out_pairs) < 2:  # the held-out metrics compare pairs with each other: two at least
+        raise DataError(f"{profile.data.pairs}: the held-out split has {len(held_out_pairs)} pair(s) "
+                        f"(data.test_fraction = {profile.data.test_fraction}): raise data.test_fraction, or give "
+                        f"more pairs.")
     tok, tok_2 = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
     teachers = load_teachers(profile)
-    held_out = HeldOut.build(teachers, take(splits.test, profile.distill.eval_pairs),
-                             [en for _, en in sample(splits.train, 5000, profile.seed)])
+    held_out = HeldOut.build(teachers, held_out_pairs, [en for _, en in sample(splits.train, 5000, profile.seed)])
     return Setup(profile, splits, caption_pairs("train"), tok, tok_2, teachers, held_out,
                  stage_mapping(profile, required=False))
 

@@ -174,3 +174,21 @@ def test_jmdict_lexicon():
     d = dict(lexicon)
     assert d["猫"] == "cat" and d["犬"] == "dog" and d["水"] == "water"
     assert all(ja and en and "(" not in en for ja, en in lexicon)
+
+
+def test_swapped_columns_stop_with_one_line(tmp_path):
+    """en<TAB>ja instead of ja<TAB>en would train a "Japanese" tokenizer on English: stopped when the data loads."""
+    from jpsdxl.core.profiles import derive, load_profile
+
+    rows = [("I have a cat.", "猫を飼っています。"), ("It is raining.", "雨が降っている。")] * 50
+    (tmp_path / "swapped.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in rows), encoding="utf-8")
+    profile = derive(load_profile("tiny"), data={"pairs": str(tmp_path / "swapped.tsv")})
+    with pytest.raises(data.DataError, match="0% of the letters on the Japanese side.*columns look swapped"):
+        data.load_pairs(profile)
+    assert data.japanese_share(["猫を飼っています", "ｶﾀｶﾅ"]) == 1.0 and data.japanese_share(["a cat"]) == 0.0
+
+
+def test_hf_data_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(data.DataError, match="hf:someone/no-such-pairs is not available.*local copy"):
+        next(data.iter_pairs_datasets("someone/no-such-pairs"))

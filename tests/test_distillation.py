@@ -408,3 +408,12 @@ def test_a_fresh_run_clears_the_old_runs_checkpoints(setup, tmp_path):
     D.distil(setup, tmp_path, progress=False, resume=False, stop_after=3)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-0000002"]
     assert D.distil(setup, tmp_path, progress=False, stop_after=1).resumed_from == 2
+
+
+def test_a_corpus_too_small_for_its_held_out_split_says_which_setting(tmp_path):
+    from jpsdxl.data import DataError
+
+    (tmp_path / "few.tsv").write_text("猫がいる。\tThere is a cat.\n犬がいる。\tThere is a dog.\n", encoding="utf-8")
+    profile = derive(load_profile("tiny"), data={"pairs": str(tmp_path / "few.tsv"), "test_fraction": 0.01})
+    with pytest.raises(DataError, match=r"held-out split has 0 pair\(s\).*raise data.test_fraction"):
+        D.prepare(profile)
