@@ -155,10 +155,10 @@ def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "s
     causal under SDPA even with ``config.is_causal=False`` (it passes ``is_causal=True`` to the kernel), so the
     student also switches to eager attention, which honours the mask alone.
     """
-    from .embedding_init import initial_rows
+    from .embedding_init import initial_rows, needs_mapping
     from .encoders import japanese_copy
 
-    if mapping is None and strategy not in ("mean", "random"):
+    if mapping is None and needs_mapping(strategy):
         raise ValueError(f"init strategy {strategy!r} needs stage 2's mapping: run notebook 02 (it writes "
                          f"runs/<profile>/02_embedding_init/mapping.pt), or use strategy 'mean' or 'random'.")
     copies = []
@@ -323,7 +323,7 @@ def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int) -> tupl
     if "scheduler" not in state:
         raise ValueError(f"{ckpt} was written without its scheduler state (by an older jpsdxl): start fresh "
                          f"(--fresh, or resume=False).")
-    saved = state.get("settings", {}) | {"seed": state["seed"]}
+    saved = state["settings"]  # present in every checkpoint that has the scheduler's JSON (checked above)
     differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in _fixed_settings(cfg, seed).items() if saved.get(k) != v]
     if differ:  # the optimiser and schedule in the checkpoint were made for the old values: refuse, do not mix
         raise ValueError(f"{ckpt} was written with other settings ({'; '.join(differ)}). Resume with the same "
@@ -358,8 +358,7 @@ def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: i
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(tmp / "trainer_state.json", {"step": step, "batch_size": cfg.batch_size, "seed": seed,
-                                                 "pairs_seen": step * cfg.batch_size, "log": log,
+        write_json(tmp / "trainer_state.json", {"step": step, "pairs_seen": step * cfg.batch_size, "log": log,
                                                  "scheduler": scheduler.state_dict(),  # JSON: no pickle
                                                  "settings": _fixed_settings(cfg, seed)})
         shutil.rmtree(dest, ignore_errors=True)
@@ -567,11 +566,12 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
     import dataclasses
 
     from .core.runs import require
+    from .embedding_init import needs_mapping
 
     p = setup.profile
     cfg = dataclasses.replace(p.distill, **overrides)
     strategy = cfg.init or p.init.strategy
-    if setup.mapping is None and strategy not in ("mean", "random"):
+    if setup.mapping is None and needs_mapping(strategy):
         require(p, "init", "mapping.pt")  # raises: says to run `jpsdxl init`
     students = make_students(setup.teachers, setup.tokenizer, setup.tokenizer_2, strategy, setup.mapping,
                              causal=cfg.causal, seed=p.seed, top_k=p.init.top_k, temperature=p.init.temperature,
@@ -588,8 +588,9 @@ def run(profile, out: str | Path | None = None, resume: bool = True, progress: b
     from accelerate import PartialState
 
     from .core.runs import require, stage_dir
+    from .embedding_init import needs_mapping
 
-    if (overrides.get("init") or profile.distill.init or profile.init.strategy) not in ("mean", "random"):
+    if needs_mapping(overrides.get("init") or profile.distill.init or profile.init.strategy):
         require(profile, "init", "mapping.pt")  # before anything loads: says to run `jpsdxl init`
     out = Path(out).resolve() if out else stage_dir(profile, "distill")
     result = distil(prepare(profile), out, resume=resume, progress=progress, **overrides)

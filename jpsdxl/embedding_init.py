@@ -272,6 +272,11 @@ def save_mapping_tsv(mapping: Mapping, path: str | Path) -> Path:
 STRATEGIES = typing.get_args(Strategy)  # declared once, with the profile's init.strategy
 
 
+def needs_mapping(strategy: str) -> bool:
+    """Every start but ``mean`` and ``random`` is built from stage 2's mapping."""
+    return strategy not in ("mean", "random")
+
+
 def initial_rows(strategy: str, mapping: Mapping | None, teacher_embedding: torch.Tensor, vocab_size: int,
                  top_k: int = 5, temperature: float = 0.05, threshold: float = 0.5, seed: int = 0):
     """What ``encoders.japanese_copy(rows=...)`` takes for ``strategy``: an index, a float matrix, or None.

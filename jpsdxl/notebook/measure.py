@@ -30,10 +30,9 @@ def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str
     """Generate every prompt with every seed at the profile's settings and judge the images.
 
     ``refine=False`` runs the base alone over the whole schedule, to measure what the refiner changes. Seeds
-    default to ones the training never used. Prompts go through in batches of ``generate.batch_size``. Returns (scores, images ``[seeds, prompts, H, W, 3]`` uint8).
+    default to ones the training never used. Prompts go through in batches of ``generate.batch_size``. Returns
+    (scores, images ``[seeds, prompts, H, W, 3]`` uint8).
     """
-    from ..generation import generate
-
     images = []
     for seed in seeds:
         out = np.concatenate([generate(profile, base, refiner, part, refine=refine, seed=seed, output_type="np",
