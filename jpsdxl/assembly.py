@@ -119,6 +119,30 @@ def has_variant(folder: str | Path, variant: str | None) -> bool:
     return bool(variant) and any(f".{variant}." in p.name for p in (Path(folder) / "unet").glob("*"))
 
 
+def check_pipeline_folder(folder: str | Path, what: str = "--model") -> None:
+    """One line for a pipeline folder that is half there (a copy or download that stopped early): no
+    ``model_index.json``, a component it names missing, or a weights file cut short. Checked before anything loads."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    again = "copy or download it again, or assemble it again (notebook 04, assembly.assemble)"
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{what} {folder}: no readable model_index.json ({type(e).__name__}), so not a "
+                                f"diffusers pipeline folder: {again}") from None
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    missing = [k for k in parts if not (folder / k).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{what} {folder} lacks {', '.join(missing)}: {again}")
+    for weights in sorted(p for k in parts for p in (folder / k).glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):  # reads the header, which also checks the file's length
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{what} {weights}: unreadable ({e}): {again}") from None
+
+
 def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None,
                    offload: bool = False, share=None):
     """(base, refiner) from an ``assemble`` folder, or from a ``JapaneseModel`` (``japanese_model``): plain
@@ -199,6 +223,8 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
     if model is not None:
         folder = Path(model).expanduser()
         if (folder / "base").is_dir() and (folder / "refiner").is_dir():
+            for role in ("base", "refiner"):
+                check_pipeline_folder(folder / role)
             return JapaneseModel(folder / "base", folder / "refiner")
         if folder.exists() or str(model).count("/") != str(model).count(",") + 1:
             raise FileNotFoundError(f"--model {model}: not a folder holding base/ and refiner/ (notebook 04 writes "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import get_args
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "refiner, as the SD-XL 1.0-jp card does)")
     gen.add_argument("prompt", nargs="*", help="one or more prompts, e.g. かわいすぎる子猫")
     gen.add_argument("--prompts-file", default=None, help="a UTF-8 text file, one prompt per line")
-    gen.add_argument("--out", default="out.png", help="image file; with several prompts, out-01.png, out-02.png, ...")
+    gen.add_argument("--out", default="out.png", help="image file; with several prompts, out-01.png, out-02.png, ...; "
+                                                   "an existing folder: image.png (image-01.png, ...) inside it")
     gen.add_argument("--model", default=None, help="a folder with base/ and refiner/ (notebook 04 or `assemble`), or "
                                                    "hub ids: BASE_ID (refiner found by name) or BASE_ID,REFINER_ID; "
                                                    "default: the profile's trained Japanese model")
@@ -94,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("profiles", help="list the profiles")
     args = parser.parse_args(argv)
     from .core.hub import ModelNotAvailable
+    from .core.runs import RunInProgress
 
     try:
         return _dispatch(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailable, ModuleNotFoundError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailable, ModuleNotFoundError,
+            RunInProgress) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; finished artefacts stay, temporaries are cleaned
@@ -184,8 +188,8 @@ def _distill(args) -> int:
 
 
 def _train_shapes(args) -> int:
-    from .shapes.training import train_shapes_world
     from .core.zoo import RECIPES, WEIGHTS_DIR
+    from .shapes.training import train_shapes_world
 
     out = Path(args.out).resolve() if args.out else WEIGHTS_DIR / RECIPES["shapes"]["weights"]
     info = train_shapes_world(out)
@@ -214,14 +218,15 @@ def _profiles(args) -> int:
 
 
 def _generate(args) -> int:
-    import warnings
-
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     from . import assembly as A
     from . import generation as G
     from .core.profiles import load_profile
-    from .tokenization import encode_prompts
+    from .core.runs import ensure_writable
+    from .tokenization import check_prompts, encode_prompts
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -230,7 +235,9 @@ def _generate(args) -> int:
         raise ValueError("no prompt given: jpsdxl generate \"かわいすぎる子猫\" --out kitten.png (or --prompts-file FILE)")
     if any(not p.strip() for p in prompts):
         raise ValueError("an empty prompt: give some text (SDXL's unconditional image needs no tool)")
+    check_prompts(prompts)  # before anything loads: a prompt too long to be read is refused now
     paths = output_paths(args.out, len(prompts))
+    ensure_writable(paths[0].parent, "--out")  # before minutes of loading and drawing, not after
     if args.size is not None and (args.size < 8 or args.size % 8 or args.size > 4096):
         raise ValueError(f"--size {args.size}: a multiple of 8 (the VAE halves the size three times), at most 4096")
     if args.high_noise_frac is not None and not 0 < args.high_noise_frac < 1:
@@ -251,18 +258,22 @@ def _generate(args) -> int:
         encode_prompts(base.tokenizer, prompts)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    for lib in (diffusers_logging, transformers_logging):  # their truncation warnings, once per encoder: said above
+        lib.set_verbosity_error()
     if args.offload:  # offloaded as loaded (never moved to the GPU whole); the VAE decodes in tiles and slices
         G.apply_memory_option(base, refiner, "vae tiling + slicing")
-    try:
-        images, _ = G.generate(profile, base, refiner, prompts,
-                               negative_prompt=args.negative and [args.negative] * len(prompts), **overrides)
-    except torch.cuda.OutOfMemoryError:
-        raise ValueError("the GPU ran out of memory: try --offload (model CPU offload + VAE tiling), a smaller --size, "
-                         "or fewer prompts at a time") from None
-    for image, path in zip(images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(path)
+    size = profile.generate.batch_size
+    for start in range(0, len(prompts), size):  # in batches, each written as it is drawn: nothing waits for the end
+        batch = prompts[start:start + size]
+        try:
+            images, _ = G.generate(profile, base, refiner, batch,
+                                   negative_prompt=args.negative and [args.negative] * len(batch), **overrides)
+        except torch.cuda.OutOfMemoryError:
+            raise ValueError("the GPU ran out of memory: try --offload (model CPU offload + VAE tiling), a smaller "
+                             "--size, or generate.batch_size = 1 in the profile") from None
+        for image, path in zip(images, paths[start:start + size]):
+            image.save(path)
+            print(path, flush=True)
     return 0
 
 
@@ -274,11 +285,17 @@ COMMANDS = {"run": _run, "prepare": _prepare, "tokenizer": _tokenizer, "init": _
 # generate's input and output
 
 
+MAX_PROMPTS_FILE = 1_000_000  # bytes: thousands of prompts; a bigger file is almost surely the wrong file
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file, one per line (blank lines skipped); a clear error for what cannot be used."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts-file {path}: no such file (write one prompt per line)")
+    if path.stat().st_size > MAX_PROMPTS_FILE:
+        raise ValueError(f"--prompts-file {path}: {path.stat().st_size:,} bytes, over the {MAX_PROMPTS_FILE:,} this "
+                         f"command reads at once; split it into smaller files")
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
@@ -289,11 +306,17 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def output_paths(out: str | Path, n: int) -> list[Path]:
-    """``out`` for one image; ``stem-01.png``, ``stem-02.png``, ... beside it for several."""
+    """``out`` for one image; ``stem-01.png``, ``stem-02.png``, ... beside it for several. ``out`` an existing folder
+    (or ending in ``/``): the images go inside it, as ``image.png`` or ``image-01.png``, ..."""
+    if str(out).endswith(("/", "\\")) or Path(out).is_dir():
+        out = Path(out) / "image.png"
     out = Path(out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ValueError(f"--out {out}: give an image file name ending in .png, .jpg or .webp")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--out {out}: give an image file name ending in .png, .jpg or .webp, or a folder")
     if n == 1:
         return [out]
     width = max(2, len(str(n)))

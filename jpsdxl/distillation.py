@@ -29,6 +29,7 @@ import csv
 import json
 import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,9 +41,19 @@ import torch
 from .core.runs import atomic_path, write_json
 from .data import TrainingPairs
 from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
-    TARGETS, Outputs, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms, pool_retrieval,
-    positions_needed, token_ids, weighted_loss)
-
+    TARGETS,
+    Outputs,
+    after_both_eos,
+    centred_cosines,
+    encode,
+    forward,
+    held_out_metrics,
+    loss_terms,
+    pool_retrieval,
+    positions_needed,
+    token_ids,
+    weighted_loss,
+)
 
 # -----------------------------------------------------------------------------
 # 1. the held-out set
@@ -199,11 +210,37 @@ def batches(stream, global_batch: int, rank: int, world: int, streamed: bool):
 _CKPT = re.compile(r"step-(\d{7})")
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``folder/checkpoints`` (a checkpoint appears only once complete)."""
+def checkpoints(folder: str | Path) -> list[Path]:
+    """The complete checkpoints under ``folder/checkpoints``, newest first (a checkpoint appears only once complete)."""
     root = Path(folder) / "checkpoints"
-    found = sorted(p for p in root.glob("step-*") if _CKPT.fullmatch(p.name) and (p / "trainer_state.json").exists())
-    return found[-1] if found else None
+    found = [p for p in root.glob("step-*") if _CKPT.fullmatch(p.name) and (p / "trainer_state.json").exists()]
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``folder/checkpoints``, or None."""
+    found = checkpoints(folder)
+    return found[0] if found else None
+
+
+def _damage(ckpt: Path, state: dict) -> str | None:
+    """What is wrong with a checkpoint's files, or None: each file has the size recorded when it was written (a cut
+    copy or a full disk shows here), and the RNG states load as plain tensors (accelerate would skip a bad one
+    silently, and the resumed run would quietly draw other data)."""
+    for name, size in state.get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size if path.is_file() else 'missing'} bytes of {size:,}"
+    from accelerate.utils import (
+        load,  # torch.load with weights_only and the numpy types an RNG state holds
+    )
+
+    for rng in ckpt.glob("random_states_*.pkl"):
+        try:
+            load(rng)
+        except Exception as e:  # noqa: BLE001 - any failure means the state cannot be restored
+            return f"{rng.name} does not load as plain tensors ({type(e).__name__})"
+    return None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -309,17 +346,43 @@ def _prepare_students(students: Students, cfg) -> None:
 
 
 def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int) -> tuple[int, list[dict], int | None]:
-    """(step, log, resumed_from) from the newest checkpoint in ``folder``, or a fresh start. accelerate's
+    """(step, log, resumed_from) from the newest readable checkpoint in ``folder``, or a fresh start. accelerate's
     ``load_state`` restores model, optimiser and every RNG (tensors only: ``weights_only`` loading), the scheduler
-    comes back from JSON: together they make a resumed run bit-exact, and nothing in a checkpoint can run code."""
-    ckpt = latest_checkpoint(folder) if folder else None
-    if ckpt is None:
-        return 0, [], None
+    comes back from JSON: together they make a resumed run bit-exact, and nothing in a checkpoint can run code.
+    A damaged checkpoint (cut short, a file missing) is passed over for the next older one, and the run says so."""
+    found = checkpoints(folder) if folder else []
+    passed_over = []
+    for ckpt in found:
+        state, problem = _checked_state(ckpt, cfg, seed)
+        problem = problem or _damage(ckpt, state)
+        if problem is None:
+            try:
+                accelerator.load_state(str(ckpt))
+            except Exception as e:  # noqa: BLE001 - unreadable in some other way: try the next older one
+                problem = f"{type(e).__name__}: {str(e)[:120]}"
+        if problem is None:
+            if passed_over:
+                print(f"resuming from {ckpt.name}; passed over {'; '.join(passed_over)}", file=sys.stderr)
+            scheduler.load_state_dict(state["scheduler"])
+            return state["step"], state["log"], state["step"]
+        passed_over.append(f"{ckpt.name} ({problem})")
+    if passed_over:
+        raise ValueError(f"no checkpoint in {folder / 'checkpoints'} can be read: {'; '.join(passed_over)}. Start "
+                         f"fresh (--fresh, or resume=False).")
+    return 0, [], None
+
+
+def _checked_state(ckpt: Path, cfg, seed: int) -> tuple[dict, str | None]:
+    """(trainer_state.json, None), or ({}, what is wrong) if it is unreadable; after the refusals that no older
+    checkpoint would answer: pickled state (loading it could run code), settings that differ from the profile's."""
     pickles = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
     if pickles:  # accelerate would unpickle these with weights_only=False, i.e. run whatever they hold
         raise ValueError(f"{ckpt} holds {', '.join(pickles)}: pickled state this trainer never writes (loading it "
                          f"could run code). Start fresh (--fresh, or resume=False), or delete {ckpt.parent}.")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return {}, f"trainer_state.json unreadable: {type(e).__name__}"
     if "scheduler" not in state:
         raise ValueError(f"{ckpt} was written without its scheduler state (by an older jpsdxl): start fresh "
                          f"(--fresh, or resume=False).")
@@ -328,9 +391,7 @@ def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int) -> tupl
     if differ:  # the optimiser and schedule in the checkpoint were made for the old values: refuse, do not mix
         raise ValueError(f"{ckpt} was written with other settings ({'; '.join(differ)}). Resume with the same "
                          f"settings, or start fresh (--fresh, or resume=False).")
-    accelerator.load_state(str(ckpt))
-    scheduler.load_state_dict(state["scheduler"])
-    return state["step"], state["log"], state["step"]
+    return state, None
 
 
 # what a checkpoint's optimiser, schedule and data position were made for: a resumed run must not change them
@@ -358,9 +419,11 @@ def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: i
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / "trainer_state.json", {"step": step, "pairs_seen": step * cfg.batch_size, "log": log,
                                                  "scheduler": scheduler.state_dict(),  # JSON: no pickle
-                                                 "settings": _fixed_settings(cfg, seed)})
+                                                 "settings": _fixed_settings(cfg, seed),
+                                                 "files": files})  # sizes: a cut file is noticed on resume
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         for old in sorted(p for p in dest.parent.glob("step-*") if _CKPT.fullmatch(p.name))[:-cfg.keep_checkpoints]:
@@ -565,7 +628,9 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
     (``init="mean"``, ``steps=150``, ``causal=False``, ...)."""
     import dataclasses
 
-    from .core.runs import require
+    from accelerate import PartialState
+
+    from .core.runs import exclusive, require
     from .embedding_init import needs_mapping
 
     p = setup.profile
@@ -577,8 +642,12 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
                              causal=cfg.causal, seed=p.seed, top_k=p.init.top_k, temperature=p.init.temperature,
                              threshold=p.init.threshold)
     pairs = setup.pairs(cfg.shapes_share, cfg.empty_share)
-    return train(setup.teachers, students, pairs, setup.held_out, cfg, seed=p.seed, folder=folder, resume=resume,
-                 progress=progress, stop_after=stop_after)
+    # one run per folder: a second one would share its checkpoints' temporary names and prune the first's
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the trainer's Accelerator sees it
+    lock = exclusive(folder, "--out") if folder is not None and main else nullcontext()
+    with lock:
+        return train(setup.teachers, students, pairs, setup.held_out, cfg, seed=p.seed, folder=folder,
+                     resume=resume, progress=progress, stop_after=stop_after)
 
 
 def run(profile, out: str | Path | None = None, resume: bool = True, progress: bool = True, **overrides) -> Run:
@@ -587,12 +656,12 @@ def run(profile, out: str | Path | None = None, resume: bool = True, progress: b
     the students there as diffusers components (main process only, under ``accelerate launch``)."""
     from accelerate import PartialState
 
-    from .core.runs import require, stage_dir
+    from .core.runs import ensure_writable, require, stage_dir
     from .embedding_init import needs_mapping
 
     if needs_mapping(overrides.get("init") or profile.distill.init or profile.init.strategy):
         require(profile, "init", "mapping.pt")  # before anything loads: says to run `jpsdxl init`
-    out = Path(out).resolve() if out else stage_dir(profile, "distill")
+    out = ensure_writable(Path(out).resolve() if out else stage_dir(profile, "distill"), "--out")
     result = distil(prepare(profile), out, resume=resume, progress=progress, **overrides)
     if PartialState().is_main_process:
         save_students(result.students, out)

@@ -429,11 +429,12 @@ def run(profile, progress: bool = True) -> Mapping:
     """Stage 2 (``jpsdxl init``): embed the Japanese vocabulary and the profile's English candidates
     (``init.candidates``) with its embedder, find each piece's ``init.top_k`` nearest English tokens, and write
     ``mapping.pt`` / ``mapping.tsv`` to ``runs/<profile>/02_embedding_init/``. Reads tokenizers only: no model."""
-    from .core.runs import stage_dir
+    from .core.runs import ensure_writable, stage_dir
     from .data import japanese_side, load_pairs
     from .tokenization import japanese_tokenizers, sdxl_tokenizers
 
     cfg = profile.init
+    out = ensure_writable(stage_dir(profile, "init", create=False), "the runs folder (--runs, JPSDXL_RUNS)")
     splits = load_pairs(profile)
     ja_tok, _ = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
     clip_tok, _ = sdxl_tokenizers(profile)
@@ -441,7 +442,7 @@ def run(profile, progress: bool = True) -> Mapping:
     embedder = make_embedder(cfg.embedder)
     mapping = build_mapping(ja, en, embed_vocab(embedder, ja, progress), embed_vocab(embedder, en, progress),
                             k=cfg.top_k, chunk=cfg.chunk)
-    save_mapping(mapping, stage_dir(profile, "init"), embedder=cfg.embedder, candidates=cfg.candidates)
+    save_mapping(mapping, out, embedder=cfg.embedder, candidates=cfg.candidates)
     return mapping
 
 

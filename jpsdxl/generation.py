@@ -136,13 +136,3 @@ def apply_memory_option(base, refiner, option: str) -> None:
         refiner.enable_model_cpu_offload()
     elif option != "plain":
         raise ValueError(f"unknown memory option {option!r}; the options are {', '.join(MEMORY_OPTIONS)}")
-
-
-# -----------------------------------------------------------------------------
-# speed: the card's example settings against the fastest that keep the same steps, size and scheduler
-
-
-# -----------------------------------------------------------------------------
-# the command line's input and output
-
-

@@ -18,7 +18,7 @@ from pathlib import Path
 from .core.hub import is_offline
 from .core.models import resolve_profile
 from .core.profiles import load_profile
-from .core.runs import load_metrics, runs_dir, write_json
+from .core.runs import ensure_writable, load_metrics, runs_dir, write_json
 from .core.runs import runs_root as default_runs_root
 
 
@@ -80,6 +80,7 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
     if is_offline():
         resolve_profile(loaded)  # offline, every missing model is named now, not in some cell minutes later
     name = loaded.name
+    ensure_writable(root / name, "--runs")  # each notebook's outputs land there as it ends: checked before the first
     todo = notebooks(notebook_dir, only)
     if not todo:
         raise FileNotFoundError(f"No notebooks matching {only or 'NN_*.ipynb'} in {notebook_dir}")

@@ -48,6 +48,9 @@ class VocabularyTooLarge(ValueError):
     """The data cannot support the requested vocabulary: the message says which size it can."""
 
 
+MAX_SENTENCE_BYTES = 4192  # sentencepiece's own default, named: longer training sentences are skipped
+
+
 def train_sentencepiece(sentences: Sequence[str], out_file: str | Path, vocab_size: int = 8000, seed: int = 0,
                         threads: int = 2, character_coverage: float = 0.9995, byte_fallback: bool = True) -> Path:
     """Train a sentencepiece unigram model on ``sentences`` (already NFKC-normalised), deterministically.
@@ -60,12 +63,21 @@ def train_sentencepiece(sentences: Sequence[str], out_file: str | Path, vocab_si
     import sentencepiece as spm
 
     sentences = [s.replace("\n", " ") for s in sentences]
+    too_long = sum(len(s.encode()) > MAX_SENTENCE_BYTES for s in sentences)  # sentencepiece skips these unsaid
+    if too_long == len(sentences):
+        raise ValueError(f"all {len(sentences):,} tokenizer training sentence(s) are longer than sentencepiece's "
+                         f"{MAX_SENTENCE_BYTES:,}-byte limit (longest: {max(len(s.encode()) for s in sentences):,} "
+                         f"bytes): split the Japanese text into sentences, one per line")
+    if too_long:
+        warnings.warn(f"{too_long:,} of {len(sentences):,} tokenizer training sentences are over "
+                      f"{MAX_SENTENCE_BYTES:,} bytes; sentencepiece leaves them out", stacklevel=2)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="unigram",
             character_coverage=character_coverage, num_threads=threads, minloglevel=2, byte_fallback=byte_fallback,
+            max_sentence_length=MAX_SENTENCE_BYTES,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=JA_SPECIALS["pad"], unk_piece=JA_SPECIALS["unk"],
             bos_piece=JA_SPECIALS["bos"], eos_piece=JA_SPECIALS["eos"],
             normalization_rule_name="nfkc",  # plain NFKC: the same rule our fast tokenizer applies
@@ -283,6 +295,9 @@ def sentencepiece_agreement(model_file: str | Path, tokenizer, texts: Sequence[s
 # prompts in, ids out
 
 
+MAX_PROMPT_CHARS = 1000  # far more than 77 tokens hold in any language
+
+
 def check_prompts(prompts) -> list[str]:
     """``prompts`` as a list of strings, or a ValueError that says what was wrong and what is expected."""
     if isinstance(prompts, str):
@@ -297,6 +312,9 @@ def check_prompts(prompts) -> list[str]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise ValueError(f"prompt {i} is {type(p).__name__} {p!r}, not a string")
+        if len(p) > MAX_PROMPT_CHARS:  # whatever is past the 77th token is cut anyway: refuse, do not tokenize a book
+            raise ValueError(f"prompt {i} has {len(p):,} characters; the encoders read its first {MAX_LENGTH} tokens "
+                             f"(a few hundred characters at most): shorten it to at most {MAX_PROMPT_CHARS:,}")
         try:
             p.encode("utf-8")
         except UnicodeEncodeError as e:

@@ -67,11 +67,15 @@ def test_generate_writes_images(model, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob("many-*.png")) == ["many-01.png", "many-02.png"]
 
 
-def test_generate_warns_about_a_long_prompt(model, tmp_path, capsys):
+def test_generate_warns_about_a_long_prompt_in_one_line(model, tmp_path):
+    """The project's one line; not the pipelines' and tokenizers' own warnings, each once per encoder (a process of
+    its own: those libraries' log handlers write to the stderr they found at import)."""
     long = "赤い丸と青い四角と" * 40
-    assert main(["generate", long, "--model", str(model), "--out", str(tmp_path / "long.png"), "--steps", "2"]) == 0
-    err = capsys.readouterr().err
-    assert "over the 77-token limit" in err and "Kept:" in err
+    done = subprocess.run([sys.executable, "-m", "jpsdxl.cli", "generate", long, "--model", str(model), "--out",
+                           str(tmp_path / "long.png"), "--steps", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "over the 77-token limit" in done.stderr and "Kept:" in done.stderr and done.stderr.count("\n") == 1, \
+        done.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -86,10 +90,14 @@ def test_generate_warns_about_a_long_prompt(model, tmp_path, capsys):
     (["generate", "猫", "--model", "{tmp}"], "not a folder holding base/ and refiner/"),
     (["generate", "猫", "--model", "someone/sdxl-jp"], "give both: --model BASE_ID,REFINER_ID"),
     (["generate", "猫", "--offload"], "leave --offload out"),
+    (["generate", "猫" * 10_000], "prompt 0 has 10,000 characters"),
+    (["generate", "--prompts-file", "{tmp}/huge.txt"], "over the 1,000,000 this command reads at once"),
+    (["generate", "猫", "--out", "{tmp}/empty.txt/cat.png"], "empty.txt: cannot write there"),
 ])
 def test_generate_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "huge.txt").write_text("赤い丸\n" * 200_000, encoding="utf-8")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -249,3 +257,49 @@ def test_a_model_assembled_from_older_encoders_is_assembled_again(tiny, model, t
     assert A.japanese_model(tiny) == first
     assert "assembling it again" in capsys.readouterr().err
     assert (first.base.parent / "source.json").read_text() != recorded
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty base", "no readable model_index.json"),
+    ("no unet", "base lacks unet"),
+    ("cut weights", "unreadable (Error while deserializing header"),
+])
+def test_a_model_folder_that_is_half_there_is_one_line(model, tmp_path, capsys, damage, message):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, symlinks=False)
+    if damage == "empty base":
+        shutil.rmtree(copy / "base")
+        (copy / "base").mkdir()
+    elif damage == "no unet":
+        shutil.rmtree(copy / "base" / "unet")
+    else:
+        weights = next((copy / "refiner" / "unet").glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["generate", "赤い丸", "--model", str(copy), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "again" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_generate_writes_each_batch_as_it_is_drawn(tiny, model, tmp_path, capsys, monkeypatch):
+    """Five prompts in batches of two: each batch's images are on disk before the next batch is drawn, in a folder
+    given as --out."""
+    from jpsdxl import generation
+    from jpsdxl.core.profiles import derive, save_profile
+
+    profile = save_profile(derive(tiny, name="pairs", generate={"batch_size": 2}), tmp_path / "pairs.toml")
+    drawn, real = [], generation.generate
+
+    def watched(profile, base, refiner, prompts, **kw):
+        drawn.append((len(prompts), sorted(p.name for p in (tmp_path / "images").glob("*.png"))))
+        return real(profile, base, refiner, prompts, **kw)
+
+    monkeypatch.setattr(generation, "generate", watched)
+    (tmp_path / "images").mkdir()
+    prompts = ["赤い丸", "青い四角", "緑の三角", "赤い四角", "青い丸"]
+    assert main(["generate", *prompts, "--profile", str(profile), "--model", str(model), "--out",
+                 str(tmp_path / "images"), "--steps", "2"]) == 0
+    assert drawn == [(2, []), (2, ["image-01.png", "image-02.png"]),
+                     (1, ["image-01.png", "image-02.png", "image-03.png", "image-04.png"])]
+    assert len(list((tmp_path / "images").glob("image-0*.png"))) == 5

@@ -114,3 +114,27 @@ def test_an_image_size_that_cannot_fit_and_a_runs_folder_that_is_a_file_are_one_
     assert main(["distill", "--profile", "tiny"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a file: point it at a folder" in err
+
+
+def test_train_shapes_checks_its_output_folder_before_training(tmp_path, monkeypatch, capsys):
+    """The weights are written after about 25 minutes of training: an unwritable --out must stop it first."""
+    from jpsdxl.core import zoo
+
+    monkeypatch.setattr(zoo, "build_components", lambda name: pytest.fail("training started before --out was checked"))
+    (tmp_path / "afile").write_text("x")
+    assert main(["train-shapes", "--out", str(tmp_path / "afile" / "weights")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "afile: cannot write there" in err and err.count("\n") == 1
+
+
+def test_stage_2_and_the_runner_check_the_runs_folder_before_the_work(tmp_path, monkeypatch, capsys):
+    from jpsdxl import data
+
+    monkeypatch.setattr(data, "load_pairs", lambda profile: pytest.fail("the data loaded before the runs folder was checked"))
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path / "afile" / "runs"))
+    assert main(["init", "--profile", "tiny"]) == 2
+    assert "afile/runs/tiny/02_embedding_init: cannot write there" in capsys.readouterr().err
+    assert main(["run", "--runs", str(tmp_path / "afile" / "runs"), "--no-html"]) == 2
+    err = capsys.readouterr().err
+    assert "--runs" in err and "cannot write there" in err and err.count("\n") == 1

@@ -378,10 +378,16 @@ def test_a_planted_checkpoint_payload_never_runs(setup, tmp_path):
         D.distil(setup, tmp_path / "run", progress=False, steps=2)
     (ckpt / "custom_checkpoint_0.pkl").unlink()
     rngs = list(ckpt.glob("random_states_*.pkl"))
-    for rng in rngs:  # accelerate's own pickles: read with weights_only, so a payload is refused, not run
-        torch.save(_Payload(tmp_path / "ran-rng"), rng)
-    assert rngs and D.distil(setup, tmp_path / "run", progress=False, steps=2).resumed_from == 2
-    assert not (tmp_path / "ran-custom").exists() and not (tmp_path / "ran-rng").exists()
+    for rng in rngs:  # accelerate's own pickles: read as tensors only, so a payload is refused, not run (and not
+        torch.save(_Payload(tmp_path / "ran-rng"), rng)  # skipped either, as accelerate would skip it, silently)
+    with pytest.raises(ValueError, match=r"no checkpoint .* can be read: step-0000002 \(random_states_0.pkl"):
+        D.distil(setup, tmp_path / "run", progress=False, steps=2)
+    state = json.loads((ckpt / "trainer_state.json").read_text())  # without the recorded sizes (an older
+    del state["files"]  # checkpoint, or a planted one): the RNG state itself is checked
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"random_states_0.pkl does not load as plain tensors"):
+        D.distil(setup, tmp_path / "run", progress=False, steps=2)
+    assert rngs and not (tmp_path / "ran-custom").exists() and not (tmp_path / "ran-rng").exists()
 
 
 def test_resuming_with_another_learning_rate_or_schedule_is_refused(setup, straight):
@@ -417,3 +423,52 @@ def test_a_corpus_too_small_for_its_held_out_split_says_which_setting(tmp_path):
     profile = derive(load_profile("tiny"), data={"pairs": str(tmp_path / "few.tsv"), "test_fraction": 0.01})
     with pytest.raises(DataError, match=r"held-out split has 0 pair\(s\).*raise data.test_fraction"):
         D.prepare(profile)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(setup, straight, tmp_path, capsys):
+    """optimizer.bin cut short in the newest checkpoint (a full disk, a copy that stopped): the run resumes from the
+    older one, says which it passed over, and still reaches the uninterrupted run's weights."""
+    run, _ = straight
+    D.distil(setup, tmp_path, progress=False, stop_after=5)  # checkpoints at steps 2 and 4
+    newest = D.latest_checkpoint(tmp_path)
+    cut = newest / "optimizer.bin"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    resumed = D.distil(setup, tmp_path, progress=False)
+    assert resumed.resumed_from == 2 and "passed over step-0000004 (optimizer.bin is" in capsys.readouterr().err
+    a, b = weights(run.students), weights(resumed.students)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint from before sizes were recorded: accelerate's own error is the sign, with the same fallback
+    for ckpt in D.checkpoints(tmp_path):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        del state["files"]
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        (ckpt / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(ValueError, match=r"no checkpoint .* can be read: step-0000006 \(.*step-0000004.*--fresh"):
+        D.distil(setup, tmp_path, progress=False)
+
+
+def test_two_runs_on_one_folder_cannot_overlap(setup, tmp_path):
+    """A second run on a folder in use stops at once, naming the first; a killed holder leaves no lock behind."""
+    from jpsdxl.core.runs import RunInProgress
+
+    hold = ("import sys, time\nfrom jpsdxl.core.runs import exclusive\n"
+            "with exclusive(sys.argv[1], '--out'):\n    print('held', flush=True)\n    time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInProgress, match=f"in use by process {holder.pid} .*another folder \\(--out\\)"):
+            D.distil(setup, tmp_path, progress=False, steps=2)
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert D.distil(setup, tmp_path, progress=False, steps=2).steps == 2
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_the_work(small_profile, tmp_path, monkeypatch):
+    from jpsdxl.core.runs import OutputNotWritable
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(D, "prepare", lambda profile: pytest.fail("the data loaded before --out was checked"))
+    with pytest.raises(OutputNotWritable, match=r"--out .*afile/out: cannot write there"):
+        D.run(small_profile, tmp_path / "afile" / "out")

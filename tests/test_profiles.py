@@ -101,3 +101,11 @@ def test_a_learning_rate_must_be_a_finite_number(tmp_path, value):
 
     with pytest.raises(ProfileError, match=rf"distill.lr = {value.lstrip('-')}|distill.lr = -{value.lstrip('-')}"):
         load_profile(_write(tmp_path, MODELS + f"[distill]\nlr = {value}\n"))
+
+
+def test_a_profile_that_is_not_a_name_is_one_clear_error():
+    """papermill -p profile 3 passes the number 3."""
+    from jpsdxl.core.profiles import ProfileError
+
+    with pytest.raises(ProfileError, match=r"profile = 3 \(int\): give a profile's name in quotes"):
+        load_profile(3)

@@ -291,3 +291,13 @@ def test_notebook_01s_cells_take_the_empty_prompt(clip, ja_tokenizers):
     batch = T.encode_prompts(ja_tokenizers[0], ["猫", ""])
     assert batch["input_ids"].shape == (2, 77) and batch["input_ids"][1, 1] == ja_tokenizers[0].eos_token_id
     assert tables.normalization_examples(ja_tokenizers[0], [""])
+
+
+def test_over_long_training_sentences_are_named_not_an_internal_error(tmp_path):
+    from jpsdxl.tokenization import MAX_SENTENCE_BYTES, train_sentencepiece
+
+    with pytest.raises(ValueError, match=r"all 1 tokenizer training sentence\(s\) are longer than .*4,192-byte limit"):
+        train_sentencepiece(["猫" * 5000], tmp_path / "x.model", vocab_size=100)
+    short = [f"猫が{i}匹いる。" for i in range(300)]
+    with pytest.warns(UserWarning, match=r"1 of 301 tokenizer training sentences are over 4,192 bytes"):
+        train_sentencepiece(short + ["犬" * (MAX_SENTENCE_BYTES // 3 + 1)], tmp_path / "y.model", vocab_size=290)

@@ -309,6 +309,9 @@ def load_profile(name_or_path: str | Path | Profile = "tiny") -> Profile:
     """Load a shipped profile by name (``"tiny"``) or any profile TOML file by path (relative to the cwd)."""
     if isinstance(name_or_path, Profile):
         return name_or_path
+    if not isinstance(name_or_path, (str, Path)):  # e.g. papermill -p profile 3 passes the number 3
+        raise ProfileError(f"profile = {name_or_path!r} ({type(name_or_path).__name__}): give a profile's name in "
+                           f"quotes, one of {available_profiles()}, or the path of a .toml file")
     path = Path(name_or_path).expanduser()
     if path.suffix != ".toml":
         path = PROFILE_DIR / f"{name_or_path}.toml"

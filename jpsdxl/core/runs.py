@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,6 +148,58 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
             os.replace(target, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class OutputNotWritable(ValueError):
+    """An output folder cannot be written: found before the long work starts, not after it."""
+
+
+def ensure_writable(folder: str | Path, what: str) -> Path:
+    """Make ``folder`` (and its parents) and write a probe file in it, so that a run that would write there at the end
+    fails now, in one line naming ``what`` (the flag or setting that chose the folder). Returns the folder."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise OutputNotWritable(f"{what} {folder}: cannot write there ({e.strerror or e}); choose a folder you can "
+                                f"write to") from None
+    return folder
+
+
+class RunInProgress(RuntimeError):
+    """Another process is writing the same output folder."""
+
+
+@contextmanager
+def exclusive(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` for a block: a second process that tries the same folder stops at once with one line
+    naming the first. An OS file lock (``flock``): it is released when its holder exits, however it exits, so a
+    killed run never leaves a lock behind. (Where ``fcntl`` does not exist, Windows, the block runs unlocked.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = ensure_writable(folder, what) / ".lock"
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunInProgress(f"{folder} is in use by {holder}: wait for it to end, or give this run another "
+                                f"folder ({what})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:2]])})")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -201,8 +201,10 @@ def train_shapes_world(out_dir: str | Path, cfg: TrainConfig | None = None, log=
     from tqdm.auto import tqdm
 
     from ..core.clip_tokenizer import build_sdxl_clip_tokenizers
+    from ..core.runs import ensure_writable
     from ..core.zoo import build_components, recipe_key
 
+    ensure_writable(Path(out_dir).parent, "--out")  # written after about 25 minutes of training: checked first
     cfg = cfg or TrainConfig.from_recipe()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
