@@ -201,6 +201,26 @@ def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path, 
     return variants
 
 
+def published_model(profile, english) -> dict:
+    """``{"SD-XL 1.0-jp (published)": (base, refiner)}`` when the profile names a published Japanese SDXL
+    (``models.published``) and it can be fetched; else ``{}``, with one line saying why it is left out. The card
+    retrained only the text encoders, so its UNets are SDXL 1.0's: it shares ``english``'s UNets, VAE and scheduler
+    like every compared variant (one UNet pair resident), and only its text parts load."""
+    import sys
+
+    from .core.hub import ModelNotAvailable
+
+    if not profile.models.published:
+        return {}
+    try:
+        model = japanese_model(profile, profile.models.published)
+    except ModelNotAvailable as e:
+        print(f"{profile.models.published} is left out of the comparison: {str(e).splitlines()[0]}", file=sys.stderr)
+        return {}
+    pair = load_assembled(model, profile.torch_dtype(), profile.torch_device(), share=english)
+    return {"SD-XL 1.0-jp (published)": pair}
+
+
 def refiner_id(base_id: str) -> str:
     """The refiner's hub id beside a base's, by the naming the published pairs use
     (``cl-tohoku/stable-diffusion-xl-jp-base-1.0`` -> ``...-jp-refiner-1.0``)."""

@@ -600,9 +600,10 @@ class Setup:
                              empty_share)
 
 
-def prepare(profile) -> Setup:
+def prepare(profile, reference_sentences: int = 5000) -> Setup:
     """Load what ``distil`` needs for ``profile``: the held-out set is ``distill.eval_pairs`` test pairs, the
-    teacher's mean output is taken over 5,000 randomly drawn training sentences, and the extra pairs are the shapes
+    teacher's mean output is taken over ``reference_sentences`` randomly drawn training sentences (5,000: a few
+    seconds on ``tiny``, a minute of a GPU on SDXL's encoders, far longer on a CPU), and the extra pairs are the shapes
     world's *training* captions (its held-out combinations and phrasings stay out: stage 4 tests on them)."""
     from .data import DataError, japanese_side, load_pairs, sample, take
     from .embedding_init import stage_mapping
@@ -617,7 +618,8 @@ def prepare(profile) -> Setup:
                         f"more pairs.")
     tok, tok_2 = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
     teachers = load_teachers(profile)
-    held_out = HeldOut.build(teachers, held_out_pairs, [en for _, en in sample(splits.train, 5000, profile.seed)])
+    reference = [en for _, en in sample(splits.train, reference_sentences, profile.seed)]
+    held_out = HeldOut.build(teachers, held_out_pairs, reference)
     return Setup(profile, splits, caption_pairs("train"), tok, tok_2, teachers, held_out,
                  stage_mapping(profile, required=False))
 

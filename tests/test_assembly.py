@@ -207,16 +207,14 @@ def test_offload_replaces_moving_the_pipelines_to_the_gpu(model, monkeypatch):
     assert calls == [("to", ("cpu",))] * 2
 
 
-def test_a_model_laid_out_like_the_published_one_draws_by_hub_id(tiny, model, small_spm, tmp_path, monkeypatch,
-                                                                 capsys):
-    """tohoku-nlp/stable-diffusion-xl-jp-{base,refiner}-1.0 hold no fp16 variant files and their tokenizers as
-    spiece.model + a T5-style config. A profile that asks for variant="fp16" must fall back to the plain files."""
+@pytest.fixture(scope="module")
+def published(model, small_spm, tmp_path_factory):
+    """A stand-in laid out like tohoku-nlp/stable-diffusion-xl-jp-{base,refiner}-1.0: plain files (no fp16
+    variant), tokenizers as spiece.model + a T5-style config. Returns {"base": folder, "refiner": folder}."""
     import json
     import shutil
 
-    from jpsdxl.core import hub
-    from jpsdxl.core.profiles import derive, save_profile
-
+    tmp_path = tmp_path_factory.mktemp("published")
     published = {}
     for role in ("base", "refiner"):
         folder = published[role] = tmp_path / f"jp-{role}-1.0"
@@ -233,6 +231,15 @@ def test_a_model_laid_out_like_the_published_one_draws_by_hub_id(tiny, model, sm
                  "pad_token": "<pad>", "extra_ids": 0, "model_max_length": 77}))
             index[name] = ["transformers", "T5Tokenizer"]
         (folder / "model_index.json").write_text(json.dumps(index))
+    return published
+
+
+def test_a_model_laid_out_like_the_published_one_draws_by_hub_id(tiny, published, tmp_path, monkeypatch, capsys):
+    """tohoku-nlp/stable-diffusion-xl-jp-{base,refiner}-1.0 hold no fp16 variant files and their tokenizers as
+    spiece.model + a T5-style config. A profile that asks for variant="fp16" must fall back to the plain files."""
+    from jpsdxl.core import hub
+    from jpsdxl.core.profiles import derive, save_profile
+
     assert not A.has_variant(published["base"], "fp16")
     monkeypatch.setattr(hub, "_download", lambda spec, kind, variant: published[spec.split("-")[1]])
     profile = save_profile(derive(tiny, name="tiny-fp16", models={"variant": "fp16"}), tmp_path / "tiny-fp16.toml")
@@ -303,3 +310,22 @@ def test_generate_writes_each_batch_as_it_is_drawn(tiny, model, tmp_path, capsys
     assert drawn == [(2, []), (2, ["image-01.png", "image-02.png"]),
                      (1, ["image-01.png", "image-02.png", "image-03.png", "image-04.png"])]
     assert len(list((tmp_path / "images").glob("image-0*.png"))) == 5
+
+
+def test_the_published_model_joins_the_comparison_where_reachable(tiny, pipelines, published, monkeypatch, capsys):
+    from jpsdxl.core import hub
+    from jpsdxl.core.profiles import derive
+
+    assert A.published_model(tiny, pipelines) == {}  # tiny names none
+    monkeypatch.setattr(hub, "_download", lambda spec, kind, variant: published[spec.split("-")[1]])
+    found = A.published_model(derive(tiny, models={"published": "someone/jp-base-1.0"}), pipelines)
+    (base, refiner), = found.values()
+    assert base.unet is pipelines[0].unet and refiner.unet is pipelines[1].unet  # one UNet pair, shared
+    assert "T5Tokenizer" in type(base.tokenizer).__name__ and base.text_encoder is not pipelines[0].text_encoder
+    ids = base.tokenizer("赤い丸").input_ids  # the published layout: pieces + EOS, no BOS (ours: BOS first)
+    assert ids[-1] == base.tokenizer.eos_token_id
+    assert "<|startoftext|>" not in base.tokenizer.convert_ids_to_tokens(ids)
+    monkeypatch.undo()  # offline and not in the cache: left out, in one line
+    assert A.published_model(derive(tiny, models={"published": "nobody/jp-base-1.0"}), pipelines) == {}
+    err = capsys.readouterr().err
+    assert "nobody/jp-base-1.0 is left out of the comparison" in err and err.count("\n") == 1

@@ -51,6 +51,7 @@ class ModelsConfig:
     refiner: str  # hub id | local folder | zoo:<recipe>/refiner
     vae: str | None = None  # optional replacement VAE, e.g. an fp16-safe one
     variant: str | None = None  # weights variant of hub pipelines, e.g. "fp16": fetch and load only those files
+    published: str | None = None  # a published Japanese SDXL's base hub id (refiner by name), compared in stage 4
 
 
 @dataclass(frozen=True)

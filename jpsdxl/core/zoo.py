@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .runs import atomic_path, cache_dir, quiet_hf_progress
@@ -127,6 +129,8 @@ def load_trained(name: str, components: dict) -> dict:
         raise StaleWeights(f"{folder}: the shipped weights were made by recipe {info.get('recipe')!r}, but the "
                            f"recipe is now {key!r}. Rebuild them: jpsdxl train-shapes (see docs/shapes-world.md).")
     for part in ("vae", "unet_base", "unet_refiner"):
+        if part not in components:  # built one at a time (build_recipe): each gets its own weights
+            continue
         path = folder / f"{part}.safetensors"
         with safe_open(path, "pt") as f:
             if f.metadata().get("recipe") != key:
@@ -134,7 +138,8 @@ def load_trained(name: str, components: dict) -> dict:
                                    f"rebuild with jpsdxl train-shapes")
             module = components[part]
             module.load_state_dict({k: f.get_tensor(k).to(module.dtype) for k in f.keys()})
-    components["vae"].register_to_config(scaling_factor=info["scaling_factor"])
+    if "vae" in components:
+        components["vae"].register_to_config(scaling_factor=info["scaling_factor"])
     return components
 
 
@@ -149,49 +154,46 @@ def recipe_key(name: str) -> str:
     return f"{name}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
-def build_components(name: str, scheduler: bool = True):
+def build_components(name: str, scheduler: bool = True, only: tuple[str, ...] | None = None):
     """Instantiate a recipe's models, each from ``torch.manual_seed(seed)``: same seed, same weights.
 
-    ``scheduler=False`` leaves the scheduler out (it cannot be built on the meta device, used to count parameters).
+    ``scheduler=False`` leaves the scheduler out (it cannot be built on the meta device, used to count parameters);
+    ``only`` builds just the named components (the same weights as in a full build: each has its own seed).
     """
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     r = copy.deepcopy(RECIPES[name])
-
-    def seeded(make, offset):
-        torch.manual_seed(r["seed"] + offset)  # one seed per component: a change to one leaves the others alone
-        return make()
-
-    parts = dict(
-        text_encoder=seeded(lambda: CLIPTextModel(CLIPTextConfig(**r["text_encoder"])), 0),
-        text_encoder_2=seeded(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**r["text_encoder_2"])), 1),
-        vae=seeded(lambda: AutoencoderKL(**r["vae"]), 2),
-        unet_base=seeded(lambda: UNet2DConditionModel(**r["unet_base"]), 3),
-        unet_refiner=seeded(lambda: UNet2DConditionModel(**r["unet_refiner"]), 4),
+    makers = dict(
+        text_encoder=lambda: CLIPTextModel(CLIPTextConfig(**r["text_encoder"])),
+        text_encoder_2=lambda: CLIPTextModelWithProjection(CLIPTextConfig(**r["text_encoder_2"])),
+        vae=lambda: AutoencoderKL(**r["vae"]),
+        unet_base=lambda: UNet2DConditionModel(**r["unet_base"]),
+        unet_refiner=lambda: UNet2DConditionModel(**r["unet_refiner"]),
     )
+    parts = {}
+    for offset, (part, make) in enumerate(makers.items()):
+        if only is None or part in only:
+            torch.manual_seed(r["seed"] + offset)  # one seed per component: a change to one leaves the others alone
+            parts[part] = make()
     if scheduler:
         parts["scheduler"] = EulerDiscreteScheduler(**r["scheduler"])
     return parts
 
 
-def build_recipe(name: str, out_dir: str | Path) -> Path:
-    """Build recipe ``name`` into ``out_dir/{base,refiner}`` as diffusers pipeline folders."""
+# where each component goes: the refiner shares the base's text_encoder_2 and VAE, as the real pair does
+_LAYOUT = {"text_encoder": ("base",), "text_encoder_2": ("base", "refiner"), "vae": ("base", "refiner"),
+           "unet_base": ("base",), "unet_refiner": ("refiner",)}
+
+
+def pipelines(components: dict):
+    """(base, refiner) pipeline objects over ``components``: what the folders' model_index.json files describe."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from .clip_tokenizer import build_sdxl_clip_tokenizers
 
-    if name not in RECIPES:
-        raise ValueError(f"No zoo recipe {name!r}; available: {sorted(RECIPES)}")
-    c = build_components(name)
-    if "weights" in RECIPES[name]:
-        load_trained(name, c)
-    if "save_dtype" in RECIPES[name]:
-        import torch
-
-        dtype = getattr(torch, RECIPES[name]["save_dtype"])
-        c = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in c.items()}
+    c = components
     tokenizer, tokenizer_2 = build_sdxl_clip_tokenizers()
     base = StableDiffusionXLPipeline(
         vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=tokenizer,
@@ -200,10 +202,45 @@ def build_recipe(name: str, out_dir: str | Path) -> Path:
         vae=c["vae"], text_encoder=None, text_encoder_2=c["text_encoder_2"], tokenizer=None, tokenizer_2=tokenizer_2,
         unet=c["unet_refiner"], scheduler=c["scheduler"], requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False)
+    return base, refiner
+
+
+def build_recipe(name: str, out_dir: str | Path) -> Path:
+    """Build recipe ``name`` into ``out_dir/{base,refiner}`` as diffusers pipeline folders.
+
+    One component at a time: built, given its shipped weights (if the recipe has some), cast to the recipe's save
+    dtype, written and freed before the next, so the peak is one component in fp32 (the ``sdxl`` recipe's base
+    UNet, 10 GB) instead of all of them (23 GB). The pipelines' own files (model_index.json, tokenizers, scheduler)
+    come from pipeline objects built on the meta device: no memory, and exactly what ``save_pretrained`` writes.
+    """
+    import torch
+
+    if name not in RECIPES:
+        raise ValueError(f"No zoo recipe {name!r}; available: {sorted(RECIPES)}")
     out_dir = Path(out_dir)
+    dtype = getattr(torch, RECIPES[name].get("save_dtype", "float32"))
+    with torch.device("meta"):
+        shells = build_components(name, scheduler=False)
+    shells["scheduler"] = build_components(name, only=())["scheduler"]
     with quiet_hf_progress():
-        base.save_pretrained(out_dir / "base")
-        refiner.save_pretrained(out_dir / "refiner")
+        for role, pipe in zip(("base", "refiner"), pipelines(shells)):
+            pipe.save_config(out_dir / role)  # model_index.json
+            pipe.scheduler.save_pretrained(out_dir / role / "scheduler")
+            for sub in ("tokenizer", "tokenizer_2"):
+                if getattr(pipe, sub, None) is not None:
+                    getattr(pipe, sub).save_pretrained(out_dir / role / sub)
+        for part, roles in _LAYOUT.items():
+            built = build_components(name, scheduler=False, only=(part,))
+            if "weights" in RECIPES[name]:
+                load_trained(name, built)
+            module = built.pop(part)
+            if module.dtype != dtype:  # parameter by parameter: the fp32 copy is freed as the cast goes
+                module = module.to(dtype)
+            sub = "unet" if part.startswith("unet") else part
+            module.save_pretrained(out_dir / roles[0] / sub)
+            del module
+            for role in roles[1:]:  # the same files: hard links, not a second copy
+                shutil.copytree(out_dir / roles[0] / sub, out_dir / role / sub, copy_function=os.link)
     (out_dir / "zoo.json").write_text(json.dumps({"recipe": name, **RECIPES[name]}, indent=2, default=list))
     return out_dir
 

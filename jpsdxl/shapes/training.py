@@ -196,13 +196,11 @@ def _smooth(values: list[float], every: int = 50) -> list[float]:
 
 def train_shapes_world(out_dir: str | Path, cfg: TrainConfig | None = None, log=print) -> dict:
     """Train VAE, base and refiner from the ``shapes`` recipe's untrained components; write them to ``out_dir``."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from ..core.clip_tokenizer import build_sdxl_clip_tokenizers
     from ..core.runs import ensure_writable
-    from ..core.zoo import build_components, recipe_key
+    from ..core.zoo import build_components, pipelines, recipe_key
 
     ensure_writable(Path(out_dir).parent, "--out")  # written after about 25 minutes of training: checked first
     cfg = cfg or TrainConfig.from_recipe()
@@ -210,14 +208,7 @@ def train_shapes_world(out_dir: str | Path, cfg: TrainConfig | None = None, log=
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     c = build_components("shapes")
-    tok, tok_2 = build_sdxl_clip_tokenizers()
-    base = StableDiffusionXLPipeline(vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"],
-                                     tokenizer=tok, tokenizer_2=tok_2, unet=c["unet_base"], scheduler=c["scheduler"],
-                                     force_zeros_for_empty_prompt=True)
-    refiner = StableDiffusionXLImg2ImgPipeline(vae=c["vae"], text_encoder=None, text_encoder_2=c["text_encoder_2"],
-                                               tokenizer=None, tokenizer_2=tok_2, unet=c["unet_refiner"],
-                                               scheduler=c["scheduler"], requires_aesthetics_score=True,
-                                               force_zeros_for_empty_prompt=False)
+    base, refiner = pipelines(c)  # the same pipelines the zoo saves
     seconds = {}
 
     def bar(total, desc):
