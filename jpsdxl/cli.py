@@ -180,6 +180,8 @@ def _distill(args) -> int:
     state = PartialState()
     if state.is_main_process:
         print(f"processes: {state.num_processes} ({state.distributed_type})")
+        if run.resumed_from is not None:
+            print(f"resumed from the checkpoint of step {run.resumed_from}")
         print(run.bad_lines)
         print(json.dumps(D.summary(run), indent=1))
         folder = run.folder or stage_dir(profile, 'distill')

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from jpsdxl import shapes
 from jpsdxl.shapes import world as S
 from jpsdxl.core import zoo
 
@@ -110,3 +111,30 @@ def test_trained_pipelines_load_with_plain_diffusers_and_draw(tiny):
     assert images.shape == (3, 32, 32, 3)
     assert S.score((images * 255).round().astype(np.uint8), [("red", "circle"), ("blue", "square"),
                                                              ("green", "triangle")])["both"] >= 2 / 3
+
+
+def test_held_out_kinds_label_every_held_out_caption():
+    from jpsdxl.shapes import held_out_kinds, held_out_prompts
+
+    ja, _, targets = held_out_prompts()
+    kinds = held_out_kinds()
+    assert len(kinds) == len(ja) == 24
+    assert {k: kinds.count(k) for k in set(kinds)} == {"new combination": 6, "new phrasing": 15, "both new": 3}
+    for prompt, (colour, shape), kind in zip(ja, targets, kinds):
+        assert (kind != "new phrasing") == ((colour, shape) in shapes.HELD_OUT_COMBINATIONS), prompt
+        assert (kind == "new combination") == (prompt not in [shapes.japanese_captions(colour, shape)[2]]), prompt
+
+
+def test_breakdown_scores_each_group_of_prompts_apart():
+    import numpy as np
+
+    from jpsdxl.notebook.measure import breakdown
+
+    images, truth = shapes.sample(6, seed=3)
+    targets = [(t.colour, t.shape) for t in truth]
+    wrong = [("red" if c != "red" else "blue", s) for c, s in targets]  # every colour wrong
+    both = np.stack([images, images])  # two "seeds"
+    out = breakdown(both, targets[:3] + wrong[3:], ["right"] * 3 + ["wrong"] * 3)
+    assert list(out) == ["right", "wrong"] and out["right"]["n"] == out["wrong"]["n"] == 6
+    assert out["right"]["both"] == 1.0 and out["wrong"]["colour"] == 0.0 and out["wrong"]["shape"] == 1.0
+    assert shapes.marks(images[3:], wrong[3:]) == [(False, True)] * 3

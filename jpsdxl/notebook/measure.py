@@ -43,6 +43,17 @@ def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str
 
 
 
+def breakdown(images: np.ndarray, targets: list[tuple[str, str]], groups: list[str]) -> dict[str, dict]:
+    """The judge's scores per group of prompts: ``images`` as ``evaluate`` returns them ([seeds, prompts, H, W, 3]),
+    ``groups`` one label per prompt (e.g. ``shapes.held_out_kinds()``). {label: scores}, in first-seen order."""
+    out = {}
+    for label in dict.fromkeys(groups):
+        keep = [i for i, g in enumerate(groups) if g == label]
+        part = images[:, keep]
+        out[label] = score(part.reshape(-1, *part.shape[2:]), [targets[i] for i in keep] * images.shape[0])
+    return out
+
+
 # -----------------------------------------------------------------------------
 # free-form sentences, CLIP score, time and memory
 
@@ -99,8 +110,8 @@ def final_latents(profile, pipelines, prompts, seeds=(0, 1)) -> torch.Tensor:
 def agreement(japanese: torch.Tensor, english: torch.Tensor) -> dict:
     """Do Japanese prompts lead to the images their English translations lead to? ``final_latents`` of JA_i and
     EN_i (same seeds), each set minus its own mean over the prompts (with a shared seed, raw latents of *any* two
-    prompts are more than 0.99 alike), then the cosine of JA_i with EN_j: matched (i = j) against mismatched, and
-    how often EN_i is the nearest of all EN_j (chance 1 / prompts)."""
+    prompts are alike: a cosine of about 0.95 on ``tiny``, printed in notebook 04), then the cosine of JA_i with
+    EN_j: matched (i = j) against mismatched, and how often EN_i is the nearest of all EN_j (chance 1 / prompts)."""
     n = japanese.shape[1]
     matched = mismatched = hits = 0.0
     for ja, en in zip(japanese, english):

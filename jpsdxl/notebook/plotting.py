@@ -82,6 +82,35 @@ def image_grid(images, titles=None, columns: int | None = None, scale: float = 1
     return fig
 
 
+def judged_grid(images: dict[str, "np.ndarray"], marks: dict[str, list[tuple[bool, bool]]], titles: list[str],
+                scale: float = 0.8):
+    """Rows of images, one row per model (``images[name]``: ``[prompts, H, W, 3]``), one column per prompt, each
+    framed by what the judge found (``marks[name]``: (right colour, right shape) per image, from
+    ``shapes.marks``): green both right, orange one of the two, red neither."""
+    import matplotlib.pyplot as plt
+
+    frame = {2: "#1a9850", 1: "#fdae61", 0: "#d73027"}
+    names, columns = list(images), len(titles)
+    fig, axes = plt.subplots(len(names), columns, figsize=(columns * scale + 1.6, len(names) * scale + 0.9),
+                             squeeze=False)
+    for r, name in enumerate(names):
+        for c, ax in enumerate(axes[r]):
+            ax.imshow(images[name][c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color(frame[sum(marks[name][c])])
+                spine.set_linewidth(3)
+            if r == 0:
+                ax.set_title(titles[c], fontsize=6, rotation=60, ha="left", va="bottom")
+        right = sum(all(m) for m in marks[name])
+        axes[r][0].set_ylabel(f"{name}\n{right}/{columns}", fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle("緑: 色と形が正しい / 橙: どちらか一方 / 赤: どちらも違う "
+                 "(green: colour and shape right, orange: one of them, red: neither)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def training_curves(logs: dict[str, list[dict]], keys=("eval_loss", "eval_pool100_top1"), chance: float | None = None,
                     titles=("held-out loss (lower is better)", "pool-100 top-1 (higher is better)")):
     """One panel per logged metric, one line per run, over optimiser steps (stage 3's ``Run.log`` rows)."""

@@ -28,8 +28,8 @@ import numpy as np
 __all__ = [
     "IMAGE_SIZE", "COLOURS", "SHAPES", "ENGLISH_TEMPLATES", "JAPANESE_TEMPLATES", "HELD_OUT_COMBINATIONS",
     "HELD_OUT_JAPANESE_TEMPLATES", "combinations", "english_captions", "japanese_captions", "caption_pairs",
-    "held_out_prompts", "Shape", "render", "random_shape", "sample", "PALETTE_HUES", "Verdict", "judge",
-    "score", "english_prompts", "EVAL_SEEDS"
+    "held_out_prompts", "held_out_kinds", "Shape", "render", "random_shape", "sample", "PALETTE_HUES", "Verdict",
+    "judge", "marks", "score", "english_prompts", "EVAL_SEEDS"
 ]
 
 IMAGE_SIZE = 32
@@ -92,6 +92,19 @@ def held_out_prompts() -> tuple[list[str], list[str], list[tuple[str, str]]]:
     pairs = caption_pairs("held_out")
     lookup = {english_captions(c, s)[0]: (c, s) for c, s in combinations()}
     return [ja for ja, _ in pairs], [en for _, en in pairs], [lookup[en] for _, en in pairs]
+
+
+def held_out_kinds() -> list[str]:
+    """For each of ``held_out_prompts()``, what about it stage 3 never saw: ``"new combination"`` (a held-out
+    colour-shape pair in a trained phrasing), ``"new phrasing"`` (a trained pair in the held-out phrasing) or
+    ``"both new"``."""
+    kinds = []
+    for colour, shape in combinations():  # the order of caption_pairs("held_out")
+        for i, _ in enumerate(JAPANESE_TEMPLATES):
+            combo, phrasing = (colour, shape) in HELD_OUT_COMBINATIONS, i in HELD_OUT_JAPANESE_TEMPLATES
+            if combo or phrasing:
+                kinds.append("both new" if combo and phrasing else "new combination" if combo else "new phrasing")
+    return kinds
 
 
 # -----------------------------------------------------------------------------
@@ -195,11 +208,15 @@ def judge(image: np.ndarray, min_saturation: float = 0.35, min_pixels: int = 6) 
     return Verdict(colour, shape, float(fill), int(mask.sum()))
 
 
+def marks(images, targets: list[tuple[str, str]]) -> list[tuple[bool, bool]]:
+    """(right colour, right shape) for each image against its target (colour, shape)."""
+    verdicts = [judge(im) for im in images]
+    return [(v.colour == c, v.shape == s) for v, (c, s) in zip(verdicts, targets)]
+
+
 def score(images, targets: list[tuple[str, str]]) -> dict:
     """Share of images whose judged colour, shape, and both match ``targets`` [(colour, shape), ...]."""
-    verdicts = [judge(im) for im in images]
-    colour = [v.colour == c for v, (c, _) in zip(verdicts, targets)]
-    shape = [v.shape == s for v, (_, s) in zip(verdicts, targets)]
+    colour, shape = zip(*marks(images, targets)) if len(targets) else ((), ())
     return {"colour": float(np.mean(colour)), "shape": float(np.mean(shape)),
             "both": float(np.mean([a and b for a, b in zip(colour, shape)])), "n": len(targets),
             "chance_colour": 1 / len(COLOURS), "chance_shape": 1 / len(SHAPES),
