@@ -221,6 +221,24 @@ def published_model(profile, english) -> dict:
     return {"SD-XL 1.0-jp (published)": pair}
 
 
+def with_students(english, students_dir: str | Path):
+    """(base, refiner) that read prompts through a stage-3 output folder's encoders and tokenizers (``save_students``
+    layout) and share ``english``'s UNets, VAE and scheduler: nothing is assembled on disk."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .generation import with_text_parts
+
+    folder = Path(students_dir)
+    missing = [p for p in TEXT_PARTS if not (folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: not a stage-3 output folder")
+    with quiet_hf_progress():
+        te, te_2 = (cls.from_pretrained(folder / name) for cls, name in ((CLIPTextModel, "text_encoder"),
+                                                                        (CLIPTextModelWithProjection, "text_encoder_2")))
+    tok, tok_2 = (AutoTokenizer.from_pretrained(folder / name) for name in ("tokenizer", "tokenizer_2"))
+    return with_text_parts(english, te.eval(), te_2.eval(), tok, tok_2)
+
+
 def refiner_id(base_id: str) -> str:
     """The refiner's hub id beside a base's, by the naming the published pairs use
     (``cl-tohoku/stable-diffusion-xl-jp-base-1.0`` -> ``...-jp-refiner-1.0``)."""

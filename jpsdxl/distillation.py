@@ -345,12 +345,18 @@ def _prepare_students(students: Students, cfg) -> None:
             te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int) -> tuple[int, list[dict], int | None]:
+def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int,
+            resume: bool = True) -> tuple[int, list[dict], int | None]:
     """(step, log, resumed_from) from the newest readable checkpoint in ``folder``, or a fresh start. accelerate's
     ``load_state`` restores model, optimiser and every RNG (tensors only: ``weights_only`` loading), the scheduler
     comes back from JSON: together they make a resumed run bit-exact, and nothing in a checkpoint can run code.
-    A damaged checkpoint (cut short, a file missing) is passed over for the next older one, and the run says so."""
-    found = checkpoints(folder) if folder else []
+    A damaged checkpoint (cut short, a file missing) is passed over for the next older one, and the run says so.
+    ``resume=False``: a fresh start, and the folder's old checkpoints are deleted (a fresh run must never keep, or
+    later resume into, another run's checkpoints)."""
+    if folder and not resume and accelerator.is_main_process:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    found = checkpoints(folder) if folder and resume else []
     passed_over = []
     for ckpt in found:
         state, problem = _checked_state(ckpt, cfg, seed)
@@ -517,10 +523,7 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     scheduler = _scheduler(optimizer, cfg)
     model, optimizer = accelerator.prepare(students, optimizer)  # the scheduler is checkpointed as JSON, by us
     folder = Path(folder) if folder else None
-    if folder and not resume and accelerator.is_main_process:  # a fresh run never keeps, or later resumes into,
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # another run's checkpoints
-    accelerator.wait_for_everyone()
-    step, log, resumed_from = _resume(accelerator, scheduler, folder, cfg, seed) if resume else (0, [], None)
+    step, log, resumed_from = _resume(accelerator, scheduler, folder, cfg, seed, resume)
     before = log[0] if log else {"step": 0, **{f"eval_{k}": v for k, v in held_out.measure(students).items()}}
     if not log:
         log.append(before)
@@ -548,12 +551,9 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update()
-        row = {"step": step, "lr": scheduler.get_last_lr()[-1],
-               **{f"train_{t}": round(float(v), 6) for t, v in zip(TARGETS, reduced)}}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            t0 = time.perf_counter()  # held-out evaluations are not training time: kept out of the rate
-            row.update({f"eval_{k}": v for k, v in held_out.measure(students).items()})
-            evaluating += time.perf_counter() - t0
+        row, seconds = _log_row(step, scheduler.get_last_lr()[-1], reduced, held_out, students, cfg)
+        evaluating += seconds  # held-out evaluations are not training time: kept out of the rate
+        if "eval_loss" in row:
             bar.set_postfix(loss=f"{row['eval_loss']:.4f}", top1=f"{row['eval_pool100_top1']:.1%}")
         if step % log_every == 0 or "eval_loss" in row:
             log.append(row)
@@ -568,6 +568,17 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                bad_lines=str(pairs.report), resumed_from=resumed_from, folder=folder,
                mixed_precision=accelerator.mixed_precision)
+
+
+def _log_row(step: int, lr: float, reduced: torch.Tensor, held_out: HeldOut, students: Students, cfg):
+    """(row, seconds): an optimiser step's log row, with the held-out metrics every ``eval_every`` steps and at the
+    last, and the seconds that evaluation took."""
+    row = {"step": step, "lr": lr, **{f"train_{t}": round(float(v), 6) for t, v in zip(TARGETS, reduced)}}
+    if step % cfg.eval_every and step != cfg.steps:
+        return row, 0.0
+    t0 = time.perf_counter()
+    row.update({f"eval_{k}": v for k, v in held_out.measure(students).items()})
+    return row, time.perf_counter() - t0
 
 
 def _eval_part(row: dict) -> dict:

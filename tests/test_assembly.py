@@ -329,3 +329,13 @@ def test_the_published_model_joins_the_comparison_where_reachable(tiny, pipeline
     assert A.published_model(derive(tiny, models={"published": "nobody/jp-base-1.0"}), pipelines) == {}
     err = capsys.readouterr().err
     assert "nobody/jp-base-1.0 is left out of the comparison" in err and err.count("\n") == 1
+
+
+def test_a_stage_3_folder_draws_through_the_english_unets(model, pipelines, ja_tokenizers, tmp_path):
+    students = model.parent / "students"
+    base, refiner = A.with_students(pipelines, students)
+    assert base.unet is pipelines[0].unet and refiner.unet is pipelines[1].unet
+    assert base.text_encoder.config.vocab_size == len(ja_tokenizers[0]) and refiner.text_encoder_2 is base.text_encoder_2
+    assert base.tokenizer("赤い丸").input_ids == ja_tokenizers[0]("赤い丸").input_ids
+    with pytest.raises(FileNotFoundError, match="lacks text_encoder"):
+        A.with_students(pipelines, tmp_path)

@@ -142,6 +142,9 @@ def test_notebook_03_numbers_say_what_its_text_says(tutorial):
     assert CLIPTextModel.from_pretrained(folder / "text_encoder").config.vocab_size == 8000
     assert CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").config.eos_token_id == 3
     assert (folder / "log.csv").read_text().startswith("step,")
+    experiment = _metrics(root, "03_distillation/experiment")  # section 8's student, for notebook 04 to judge
+    assert experiment["shapes_share"] == 2 * experiment["stage_3_shapes_share"]
+    assert (folder / "experiment" / "text_encoder_2" / "model.safetensors").exists()
 
 
 @pytest.mark.notebooks

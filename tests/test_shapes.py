@@ -138,3 +138,26 @@ def test_breakdown_scores_each_group_of_prompts_apart():
     assert list(out) == ["right", "wrong"] and out["right"]["n"] == out["wrong"]["n"] == 6
     assert out["right"]["both"] == 1.0 and out["wrong"]["colour"] == 0.0 and out["wrong"]["shape"] == 1.0
     assert shapes.marks(images[3:], wrong[3:]) == [(False, True)] * 3
+
+
+def test_the_library_snr_and_ema_keep_the_recipes_arithmetic():
+    """diffusers' compute_snr and EMAModel stand in for the hand-written min-SNR weights and EMA the shipped weights
+    were trained with: the same numbers (the EMA's only difference, its first update, is forgotten within ~100)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    schedule = DDPMScheduler(**{k: v for k, v in zoo.RECIPES["tiny"]["scheduler"].items() if k != "steps_offset"})
+    t = torch.arange(0, 1000, 7)
+    alphas = schedule.alphas_cumprod
+    assert torch.allclose(compute_snr(schedule, t), (alphas / (1 - alphas))[t], rtol=1e-5)
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64))
+    hand = p.detach().clone()
+    library = EMAModel([p], decay=0.999)
+    for step in range(300):
+        with torch.no_grad():
+            p.add_(torch.randn(64) * 0.1)
+        hand.lerp_(p.detach(), 1 - min(0.999, (1 + step) / (10 + step)))
+        library.step([p])
+    assert torch.allclose(library.shadow_params[0], hand, rtol=1e-6, atol=1e-6)

@@ -82,7 +82,7 @@ def image_grid(images, titles=None, columns: int | None = None, scale: float = 1
     return fig
 
 
-def judged_grid(images: dict[str, "np.ndarray"], marks: dict[str, list[tuple[bool, bool]]], titles: list[str],
+def judged_grid(images: dict, marks: dict[str, list[tuple[bool, bool]]], titles: list[str],
                 scale: float = 0.8):
     """Rows of images, one row per model (``images[name]``: ``[prompts, H, W, 3]``), one column per prompt, each
     framed by what the judge found (``marks[name]``: (right colour, right shape) per image, from

@@ -62,6 +62,8 @@ class TrainConfig:
 
 
 def _schedule(optimizer, warmup: int, total: int):
+    # not diffusers' get_cosine_schedule_with_warmup: its warm-up starts at 0 (step / warmup), ours one step ahead
+    # ((step + 1) / warmup). The same shape, but another recipe: switching means retraining the shipped weights.
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
@@ -144,21 +146,21 @@ def caption_index(shape: S.Shape, rng: np.random.Generator) -> int:
 
 def train_unet(unet, conditioning, means, stds, shapes, scaling_factor, cfg: TrainConfig, steps: int,
                max_timestep: int = 1000, seed_offset: int = 0, progress=None):
-    """Epsilon-prediction training with min-SNR weights and an EMA copy; returns (ema_unet, losses)."""
-    import copy
-
+    """Epsilon-prediction training with min-SNR weights (diffusers' ``compute_snr``) and an exponential moving
+    average of the weights (diffusers' ``EMAModel``); returns (the UNet holding the EMA weights, losses)."""
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel, compute_snr
 
     from ..core.zoo import RECIPES
 
     noise_schedule = DDPMScheduler(**{k: v for k, v in RECIPES["tiny"]["scheduler"].items() if k != "steps_offset"})
-    alphas = noise_schedule.alphas_cumprod
-    snr = alphas / (1 - alphas)
     embeds, pooled, time_ids = conditioning
     uncond = embeds.shape[0] - 1
     rng = np.random.default_rng(cfg.seed + 300 + seed_offset)
     gen = torch.Generator().manual_seed(cfg.seed + 400 + seed_offset)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    # decay min(ema, (1 + k) / (10 + k)) at update k, as the shipped weights were trained, but 0 at the first update
+    # (theirs: 0.1): a difference multiplied by every later decay, below float precision within about 100 steps
+    ema = EMAModel(unet.parameters(), decay=cfg.ema)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = _schedule(opt, cfg.warmup, steps)
     unet.train()
@@ -173,21 +175,20 @@ def train_unet(unet, conditioning, means, stds, shapes, scaling_factor, cfg: Tra
         xt = noise_schedule.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=embeds[caps],
                     added_cond_kwargs={"text_embeds": pooled[caps], "time_ids": time_ids[caps]}).sample
-        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR-gamma, epsilon prediction
+        snr = compute_snr(noise_schedule, t)
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma, epsilon prediction
         loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema.step(unet.parameters())
         losses.append(loss.item())
         if progress:
             progress(step, losses[-1])
-    return ema, losses
+    ema.copy_to(unet.parameters())
+    return unet.eval(), losses
 
 
 def _smooth(values: list[float], every: int = 50) -> list[float]:
