@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebook
     loss_terms,
     pool_retrieval,
     positions_needed,
+    TokenIds,
     token_ids,
     weighted_loss,
 )
@@ -126,6 +127,7 @@ class Teachers:
     tokenizer: object
     tokenizer_2: object
     cache: dict | None = None
+    _ids: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         for te in (self.text_encoder, self.text_encoder_2):
@@ -133,6 +135,13 @@ class Teachers:
 
     def encode(self, sentences: list[str]) -> Outputs:
         return encode(self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2, sentences)
+
+    def token_ids(self, tokenizer) -> TokenIds:
+        """``TokenIds`` for ``tokenizer`` (the teachers' own or a student's), memoised along with the outputs when
+        caching: small data brings the same sentences back in every epoch and every run of a comparison."""
+        if tokenizer not in self._ids:
+            self._ids[tokenizer] = TokenIds(tokenizer, memo=self.cache is not None)
+        return self._ids[tokenizer]
 
     @torch.no_grad()  # not inference_mode: the targets enter the loss's autograd graph
     def targets(self, sentences: list[str], device) -> Outputs:
@@ -438,7 +447,7 @@ def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: i
     accelerator.wait_for_everyone()
 
 
-def _loss_positions(accelerator, students: Students, teachers: Teachers, ids_1, en: list[str], cfg):
+def _loss_positions(accelerator, students: Students, teachers: Teachers, ids_1, en_ids, cfg):
     """(n, masks): how many of the 77 positions this batch computes, and which of them the loss reads.
 
     With ``pad_positions``, a causal student stops after the batch's last EOS (either language) + n pads: the outputs
@@ -449,7 +458,7 @@ def _loss_positions(accelerator, students: Students, teachers: Teachers, ids_1, 
     n, masks = ids_1.shape[1], None
     if not (trim or cfg.positions == "after_eos"):
         return n, masks
-    eos = (ids_1, token_ids(teachers.tokenizer, en), students.tokenizer.eos_token_id, teachers.tokenizer.eos_token_id)
+    eos = (ids_1, en_ids, students.tokenizer.eos_token_id, teachers.tokenizer.eos_token_id)
     if trim:
         n = positions_needed(*eos, cfg.pad_positions)
         if accelerator.num_processes > 1:
@@ -459,14 +468,15 @@ def _loss_positions(accelerator, students: Students, teachers: Teachers, ids_1, 
     return n, masks
 
 
-def _forward_backward(accelerator, model, students: Students, teachers: Teachers, batch: list, cfg) -> torch.Tensor:
+def _forward_backward(accelerator, model, students: Students, teachers: Teachers, batch: list, cfg,
+                      ids: tuple) -> torch.Tensor:
     """One optimiser step's forward and backward passes over this process's ``batch``, in ``grad_accum``
-    micro-batches (gradients add up; DDP syncs only on the last one). Returns the loss terms, averaged over
-    processes."""
+    micro-batches (gradients add up; DDP syncs only on the last one). ``ids``: ``TokenIds`` for the students' two
+    tokenizers and the teacher's. Returns the loss terms, averaged over processes."""
     micro = len(batch) // cfg.grad_accum
     ja, en = [p[0] for p in batch], [p[1] for p in batch]
-    ids_1, ids_2 = token_ids(students.tokenizer, ja), token_ids(students.tokenizer_2, ja)
-    n, masks = _loss_positions(accelerator, students, teachers, ids_1, en, cfg)
+    ids_1, ids_2 = ids[0](ja), ids[1](ja)
+    n, masks = _loss_positions(accelerator, students, teachers, ids_1, ids[2](en), cfg)
     totals = dict.fromkeys(TARGETS, 0.0)
     for m in range(cfg.grad_accum):
         part = slice(m * micro, (m + 1) * micro)
@@ -538,11 +548,12 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     bar = tqdm(total=cfg.steps, initial=step, desc="distillation", mininterval=1.0,
                disable=not progress or not accelerator.is_main_process)
     started, first_step, evaluating = time.perf_counter(), step, 0.0
+    ids = tuple(teachers.token_ids(t) for t in (students.tokenizer, students.tokenizer_2, teachers.tokenizer))
     model.train()
     for batch in batches(stream, cfg.batch_size, rank, world, pairs.streamed):
         if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
             break
-        reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg)
+        reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg, ids)
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         if not (torch.isfinite(reduced).all() and torch.isfinite(norm)):  # a weighted term or a gradient overflowed
             raise _non_finite(reduced, norm, step, folder, accelerator.mixed_precision)

@@ -53,6 +53,23 @@ def token_ids(tokenizer, sentences, max_length: int = 77) -> torch.Tensor:
                      return_tensors="pt")["input_ids"]
 
 
+class TokenIds:
+    """``token_ids`` for one tokenizer, with a memo: each sentence is tokenized once (small data, where every epoch
+    brings the same sentences back). ``memo=False`` tokenizes every call (streamed data: the memo would only grow).
+    The ids are the same either way: each sentence is padded to 77 on its own."""
+
+    def __init__(self, tokenizer, memo: bool = True):
+        self.tokenizer, self.memo = tokenizer, ({} if memo else None)
+
+    def __call__(self, sentences) -> torch.Tensor:
+        if self.memo is None:
+            return token_ids(self.tokenizer, sentences)
+        missing = list(dict.fromkeys(s for s in sentences if s not in self.memo))
+        if missing:
+            self.memo.update(zip(missing, token_ids(self.tokenizer, missing)))
+        return torch.stack([self.memo[s] for s in sentences])
+
+
 def forward(text_encoder, text_encoder_2, ids_1, ids_2) -> Outputs:
     """The three targets for token ids, as diffusers' ``encode_prompt`` reads them."""
     out_1 = text_encoder(ids_1.to(text_encoder.device), output_hidden_states=True)

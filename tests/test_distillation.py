@@ -472,3 +472,25 @@ def test_an_output_folder_that_cannot_be_written_stops_before_the_work(small_pro
     monkeypatch.setattr(D, "prepare", lambda profile: pytest.fail("the data loaded before --out was checked"))
     with pytest.raises(OutputNotWritable, match=r"--out .*afile/out: cannot write there"):
         D.run(small_profile, tmp_path / "afile" / "out")
+
+
+def test_token_ids_memo_gives_the_same_ids_and_tokenizes_each_sentence_once(setup):
+    from jpsdxl.targets import TokenIds, token_ids
+
+    sentences = [ja for ja, _ in setup.splits.train[:20]] * 2
+    calls = []
+    tok = setup.tokenizer
+
+    class Counting:  # the tokenizer, counting the sentences it is asked for
+        def __call__(self, texts, **kw):
+            calls.append(len(texts))
+            return tok(texts, **kw)
+
+    memo = TokenIds(Counting())
+    assert torch.equal(memo(sentences[:25]), token_ids(tok, sentences[:25]))
+    assert torch.equal(memo(sentences), token_ids(tok, sentences)) and calls == [20]  # 20 distinct, once each
+    plain = TokenIds(Counting(), memo=False)
+    plain(sentences)
+    plain(sentences)
+    assert calls == [20, 40, 40] and plain.memo is None
+    assert setup.teachers.token_ids(tok) is setup.teachers.token_ids(tok)  # one memo per tokenizer, kept by the run
