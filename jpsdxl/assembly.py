@@ -233,8 +233,8 @@ def with_students(english, students_dir: str | Path):
     if missing:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: not a stage-3 output folder")
     with quiet_hf_progress():
-        te, te_2 = (cls.from_pretrained(folder / name) for cls, name in ((CLIPTextModel, "text_encoder"),
-                                                                        (CLIPTextModelWithProjection, "text_encoder_2")))
+        te = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        te_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
     tok, tok_2 = (AutoTokenizer.from_pretrained(folder / name) for name in ("tokenizer", "tokenizer_2"))
     return with_text_parts(english, te.eval(), te_2.eval(), tok, tok_2)
 

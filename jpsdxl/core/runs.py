@@ -10,7 +10,8 @@ tokenizers) goes under the cache, ``$JPSDXL_CACHE`` or ``~/.cache/jpsdxl``.
 ``require``, which names the command that makes them when they are missing (one rule for every caller).
 
 Writes are atomic: a file or folder is written next to its destination and renamed into place, so an
-interrupted run never leaves a half-written artefact that a later run would trust.
+interrupted run never leaves a half-written artefact that a later run would trust. Long work checks first that it
+can write where it will (``ensure_writable``), and a training run holds its folder (``exclusive``).
 
 This file is not the notebook runner (see ``runner.py``).
 """
