@@ -41,20 +41,9 @@ import torch
 from .core.runs import atomic_path, write_json
 from .data import TrainingPairs
 from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
-    TARGETS,
-    Outputs,
-    after_both_eos,
-    centred_cosines,
-    encode,
-    forward,
-    held_out_metrics,
-    loss_terms,
-    pool_retrieval,
-    positions_needed,
-    TokenIds,
-    token_ids,
-    weighted_loss,
-)
+    TARGETS, Outputs, TokenIds, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms,
+    pool_retrieval, positions_needed, token_ids, weighted_loss)
+
 
 # -----------------------------------------------------------------------------
 # 1. the held-out set
@@ -240,9 +229,7 @@ def _damage(ckpt: Path, state: dict) -> str | None:
         path = ckpt / name
         if not path.is_file() or path.stat().st_size != size:
             return f"{name} is {path.stat().st_size if path.is_file() else 'missing'} bytes of {size:,}"
-    from accelerate.utils import (
-        load,  # torch.load with weights_only and the numpy types an RNG state holds
-    )
+    from accelerate.utils import load  # torch.load, weights_only, plus the numpy types an RNG state holds
 
     for rng in ckpt.glob("random_states_*.pkl"):
         try:
