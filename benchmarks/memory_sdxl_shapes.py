@@ -14,7 +14,8 @@ the libraries). Each stage runs in a process of its own, through the functions i
 
 Beside each peak: the bound expected from parameter counts (bytes per parameter x parameters alive) over the
 libraries' own footprint (measured at the stage's start), and the UNets alive at the end (2 = one base+refiner pair).
-Not in CI: about 15 minutes and 20 GB of RAM on 2 cores, 25 GB of disk.
+Not in CI: about 5 minutes once the data caches are warm, 20 GB of RAM on 2 cores, 25 GB of disk while it
+runs (the zoo's 11 GB stay in the cache; the scratch runs folder is removed at the end unless --keep).
 
 Usage:  python benchmarks/memory_sdxl_shapes.py [--stages build init distill generate] [--runs DIR]
 Writes benchmarks/results/memory_sdxl_shapes.json (a stage left out keeps its earlier row); docs/results.md shows
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -148,7 +150,9 @@ def worker(stage: str) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=list(STAGES))
-    ap.add_argument("--runs", default="/tmp/jpsdxl-memory-runs", help="scratch runs folder (JPSDXL_RUNS)")
+    ap.add_argument("--runs", default="/tmp/jpsdxl-memory-runs", help="scratch runs folder (JPSDXL_RUNS; about 14 GB "
+                                                                      "at these shapes, removed at the end)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch runs folder")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -173,6 +177,8 @@ def main():
                                    "profile": "sdxl-shapes-cpu (benchmarks/memory_sdxl_shapes.py)",
                                    "stages": rows}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
+    if not args.keep:  # checkpoints and students at SDXL's shapes: gigabytes nobody reads again
+        shutil.rmtree(args.runs, ignore_errors=True)
 
 
 if __name__ == "__main__":
