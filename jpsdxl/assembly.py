@@ -35,6 +35,17 @@ def _link(src: Path, dest: Path, final_parent: Path, copy: bool) -> None:
         os.symlink(os.path.relpath(src.resolve(), final_parent.resolve()), dest)
 
 
+def _students(folder: str | Path) -> Path:
+    """``folder`` as a Path, checked to hold stage 3's four parts (``save_students``); else one line saying what
+    writes them."""
+    folder = Path(folder)
+    missing = [p for p in TEXT_PARTS if not (folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: run notebook 03 or `jpsdxl distill` (they "
+                                f"write these four folders) first.")
+    return folder
+
+
 def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = False) -> dict[str, Path]:
     """``out/base`` and ``out/refiner``: the profile's English pipelines with the Japanese encoders and tokenizers of
     ``students_dir`` (stage 3's ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2`` folders).
@@ -43,11 +54,7 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
     """
     from .core.runs import atomic_path, write_json
 
-    students_dir = Path(students_dir)
-    missing = [p for p in TEXT_PARTS if not (students_dir / p).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{students_dir} lacks {', '.join(missing)}: run notebook 03 or `jpsdxl distill` "
-                                f"(they write these four folders) first.")
+    students_dir = _students(students_dir)
     folders = resolve_profile(profile)
     english = {"base": Path(folders["SDXL base"]), "refiner": Path(folders["SDXL refiner"])}
     # the profile's replacement VAE (full: the fp16-safe one) is the one the English baseline decodes with too
@@ -228,10 +235,7 @@ def with_students(english, students_dir: str | Path):
 
     from .generation import with_text_parts
 
-    folder = Path(students_dir)
-    missing = [p for p in TEXT_PARTS if not (folder / p).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: not a stage-3 output folder")
+    folder = _students(students_dir)
     with quiet_hf_progress():
         te = CLIPTextModel.from_pretrained(folder / "text_encoder")
         te_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")

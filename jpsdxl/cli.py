@@ -265,15 +265,15 @@ def _generate(args) -> int:
     if args.offload:  # offloaded as loaded (never moved to the GPU whole); the VAE decodes in tiles and slices
         G.apply_memory_option(base, refiner, "vae tiling + slicing")
     size = profile.generate.batch_size
-    for start in range(0, len(prompts), size):  # in batches, each written as it is drawn: nothing waits for the end
-        batch = prompts[start:start + size]
+    # in batches, each written as it is drawn: nothing waits for the end
+    for batch, batch_paths in zip(G.batched(prompts, size), G.batched(paths, size)):
         try:
             images, _ = G.generate(profile, base, refiner, batch,
                                    negative_prompt=args.negative and [args.negative] * len(batch), **overrides)
         except torch.cuda.OutOfMemoryError:
             raise ValueError("the GPU ran out of memory: try --offload (model CPU offload + VAE tiling), a smaller "
                              "--size, or generate.batch_size = 1 in the profile") from None
-        for image, path in zip(images, paths[start:start + size]):
+        for image, path in zip(images, batch_paths):
             image.save(path)
             print(path, flush=True)
     return 0

@@ -108,6 +108,13 @@ def base_only(base, prompt, negative_prompt=None, *, steps: int, guidance_scale:
                 output_type=output_type).images
 
 
+def batched(items, size: int) -> list[list]:
+    """``items`` in runs of at most ``size`` (``generate.batch_size``): each image's noise comes from its own
+    generator, so the images are the same whatever the batch, and the memory is bounded by it."""
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def generate(profile, base, refiner, prompt, refine: bool = True, **overrides):
     """``two_stage`` with the profile's sizes, steps and guidance (keyword arguments override them).
 

@@ -10,19 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..generation import _generators, apply_memory_option, generate, MEMORY_OPTIONS
+from ..generation import _generators, apply_memory_option, batched, generate, MEMORY_OPTIONS
 from ..shapes.world import EVAL_SEEDS, score
 
 
 # -----------------------------------------------------------------------------
 # judged generation on the shapes world
-
-
-def batched(items, size: int) -> list[list]:
-    """``items`` in runs of at most ``size`` (``generate.batch_size``): each image's noise comes from its own
-    generator, so the images are the same whatever the batch, and the memory is bounded by it."""
-    items = list(items)
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str, str]], seeds=EVAL_SEEDS,
