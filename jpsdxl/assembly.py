@@ -202,7 +202,7 @@ def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path, 
     variants = {}
     for name, strategy, mapping in (("untrained (mean rows)", "mean", None),
                                     ("init only (similarity)", "similarity", stage_mapping(profile))):
-        s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed)
+        s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed, dtype=None)  # as the pipelines
         variants[name] = with_text_parts(english, s.text_encoder.eval(), s.text_encoder_2.eval(), tok, tok_2)
     variants["distilled"] = load_assembled(model_dir, profile.torch_dtype(), profile.torch_device(), share=english)
     return variants

@@ -78,6 +78,13 @@ class HeldOut:
             metrics["empty_prompt_loss"] = float(sum(loss_terms(out[n:], self.teacher_empty).values()))
         return metrics
 
+    def subset(self, n: int) -> "HeldOut":
+        """The first ``n`` held-out pairs (all of them if there are fewer): cheaper evaluations, the same teacher
+        mean, for runs that evaluate often."""
+        if n >= len(self.ja):
+            return self
+        return HeldOut(self.ja[:n], self.en[:n], self.teacher[:n], self.teacher_mean, self.teacher_empty)
+
 
 # -----------------------------------------------------------------------------
 # 2. students and teachers
@@ -133,17 +140,23 @@ class Teachers:
         return self._ids[tokenizer]
 
     @torch.no_grad()  # not inference_mode: the targets enter the loss's autograd graph
-    def targets(self, sentences: list[str], device) -> Outputs:
+    def targets(self, sentences: list[str], device, n: int = 77) -> Outputs:
+        """The teachers' outputs for ``sentences`` through position ``n``: a causal encoder's first ``n`` outputs
+        do not depend on what follows, so a batch the students compute through ``n`` positions needs no more (the
+        pooled output reads the EOS position, which the trainer keeps inside ``n``). Cached, each sentence keeps the
+        longest prefix computed so far and is computed again only when a batch asks for more."""
         if self.cache is None:
-            ids = (token_ids(self.tokenizer, sentences), token_ids(self.tokenizer_2, sentences))
+            ids = (token_ids(self.tokenizer, sentences)[:, :n], token_ids(self.tokenizer_2, sentences)[:, :n])
             return forward(self.text_encoder, self.text_encoder_2, *ids).to(device, torch.float32)
-        missing = list(dict.fromkeys(s for s in sentences if s not in self.cache))
-        if missing:
-            out = self.encode(missing).to(torch.float16)
-            for n, s in enumerate(missing):
-                self.cache[s] = out[n]
-        return Outputs(*(torch.stack([getattr(self.cache[s], t) for s in sentences]) for t in TARGETS)).to(
-            device, torch.float32)
+        short = list(dict.fromkeys(s for s in sentences if s not in self.cache or len(self.cache[s].h1) < n))
+        if short:
+            ids = (self.token_ids(self.tokenizer)(short)[:, :n], self.token_ids(self.tokenizer_2)(short)[:, :n])
+            out = forward(self.text_encoder, self.text_encoder_2, *ids).to(torch.float16)
+            for i, s in enumerate(short):
+                self.cache[s] = out[i]
+        rows = [self.cache[s] for s in sentences]
+        return Outputs(torch.stack([r.h1[:n] for r in rows]), torch.stack([r.h2[:n] for r in rows]),
+                       torch.stack([r.pooled for r in rows])).to(device, torch.float32)
 
 
 def load_teachers(profile, cache: bool | None = None) -> Teachers:
@@ -156,8 +169,11 @@ def load_teachers(profile, cache: bool | None = None) -> Teachers:
 
 
 def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "similarity", mapping=None,
-                  causal: bool = True, seed: int = 0, **options) -> Students:
-    """Japanese copies of both teachers (float32), their rows started by a stage-2 ``strategy``.
+                  causal: bool = True, seed: int = 0, dtype: torch.dtype | None = torch.float32,
+                  **options) -> Students:
+    """Japanese copies of both teachers, their rows started by a stage-2 ``strategy``: in float32 for training, or
+    with ``dtype=None`` in the teachers' own dtype (stage 4's untrained copies: at SDXL's shapes a float32 pair
+    would be 3 GB more, built only to be cast down).
 
     ``mapping`` (stage 2's ``mapping.pt``, via ``embedding_init.load_mapping``) is needed by every strategy but
     ``mean`` and ``random``. ``causal=False`` gives a non-causal student: transformers 5 keeps a CLIP text model
@@ -174,7 +190,7 @@ def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "s
     for teacher, tok, teacher_tok in ((teachers.text_encoder, tokenizer, teachers.tokenizer),
                                       (teachers.text_encoder_2, tokenizer_2, teachers.tokenizer_2)):
         rows = initial_rows(strategy, mapping, teacher.get_input_embeddings().weight, len(tok), seed=seed, **options)
-        student = japanese_copy(teacher, tok, teacher_tok, rows=rows)
+        student = japanese_copy(teacher, tok, teacher_tok, rows=rows, dtype=dtype)
         if not causal:
             student.config.is_causal = False
             student.set_attn_implementation("eager")
@@ -279,8 +295,10 @@ def _optimizer(students: Students, cfg, device):
             raise ModuleNotFoundError("distill.optimizer = 'adamw8bit' needs bitsandbytes (a CUDA GPU): "
                                       "pip install bitsandbytes, or use optimizer = 'adamw'") from None
         return bnb.optim.AdamW8bit(groups)
-    fused = device.type == "cuda"  # one kernel for all parameters; foreach (the default) elsewhere
-    return torch.optim.AdamW(groups, fused=fused or None)
+    # fused: one kernel for all parameters on CUDA; foreach elsewhere (torch picks foreach only for CUDA tensors on
+    # its own, and the per-tensor loop it falls back to on a CPU took a tenth of tiny's training time)
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(groups, fused=cuda or None, foreach=None if cuda else True)
 
 
 def _scheduler(optimizer, cfg):
@@ -467,7 +485,7 @@ def _forward_backward(accelerator, model, students: Students, teachers: Teachers
     totals = dict.fromkeys(TARGETS, 0.0)
     for m in range(cfg.grad_accum):
         part = slice(m * micro, (m + 1) * micro)
-        target = teachers.targets(en[part], accelerator.device).first(n)
+        target = teachers.targets(en[part], accelerator.device, n)
         mask = masks[part].to(accelerator.device) if masks is not None else None
         sync = nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
@@ -602,11 +620,11 @@ class Setup:
     held_out: HeldOut
     mapping: object = None
 
-    def pairs(self, share: float, empty_share: float = 0.0) -> TrainingPairs:
+    def pairs(self, share: float, empty_share: float = 0.0, seed: int | None = None) -> TrainingPairs:
         """The training stream: the training split with ``share`` of the items drawn from ``extra_pairs`` and
-        ``empty_share`` of them the empty pair."""
-        return TrainingPairs(self.splits.train, self.extra_pairs, share, self.profile.seed, self.splits.report,
-                             empty_share)
+        ``empty_share`` of them the empty pair, in the order ``seed`` (default: the profile's) draws."""
+        return TrainingPairs(self.splits.train, self.extra_pairs, share,
+                             self.profile.seed if seed is None else seed, self.splits.report, empty_share)
 
 
 def prepare(profile, reference_sentences: int = 5000) -> Setup:
@@ -634,9 +652,10 @@ def prepare(profile, reference_sentences: int = 5000) -> Setup:
 
 
 def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, progress: bool = True,
-           stop_after: int | None = None, **overrides) -> Run:
+           stop_after: int | None = None, seed: int | None = None, **overrides) -> Run:
     """One training run on ``setup``: the profile's ``[distill]`` settings, with any of them overridden by keyword
-    (``init="mean"``, ``steps=150``, ``causal=False``, ...)."""
+    (``init="mean"``, ``steps=150``, ``causal=False``, ...). ``seed`` (default: the profile's) sets the random
+    starting rows, the data order and every other draw of the run."""
     import dataclasses
 
     from accelerate import PartialState
@@ -645,19 +664,20 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
     from .embedding_init import needs_mapping
 
     p = setup.profile
+    seed = p.seed if seed is None else seed
     cfg = dataclasses.replace(p.distill, **overrides)
     strategy = cfg.init or p.init.strategy
     if setup.mapping is None and needs_mapping(strategy):
         require(p, "init", "mapping.pt")  # raises: says to run `jpsdxl init`
     students = make_students(setup.teachers, setup.tokenizer, setup.tokenizer_2, strategy, setup.mapping,
-                             causal=cfg.causal, seed=p.seed, top_k=p.init.top_k, temperature=p.init.temperature,
+                             causal=cfg.causal, seed=seed, top_k=p.init.top_k, temperature=p.init.temperature,
                              threshold=p.init.threshold)
-    pairs = setup.pairs(cfg.shapes_share, cfg.empty_share)
+    pairs = setup.pairs(cfg.shapes_share, cfg.empty_share, seed)
     # one run per folder: a second one would share its checkpoints' temporary names and prune the first's
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the trainer's Accelerator sees it
     lock = exclusive(folder, "--out") if folder is not None and main else nullcontext()
     with lock:
-        return train(setup.teachers, students, pairs, setup.held_out, cfg, seed=p.seed, folder=folder,
+        return train(setup.teachers, students, pairs, setup.held_out, cfg, seed=seed, folder=folder,
                      resume=resume, progress=progress, stop_after=stop_after)
 
 
@@ -679,26 +699,50 @@ def run(profile, out: str | Path | None = None, resume: bool = True, progress: b
     return result
 
 
-def summary(run: Run) -> dict:
-    """The numbers a notebook table or metrics.json shows for a run: held-out metrics before and after."""
-    keys = ("loss", "mse_h1", "mse_h2", "mse_pooled", "centred_cos_matched", "centred_cos_mismatched", "pool100_top1")
-    return {"steps": run.steps, **{f"{k}_before": round(run.before[k], 4) for k in keys},
-            **{f"{k}_after": round(run.after[k], 4) for k in keys}, "pool_chance": run.after["pool_chance"],
+SUMMARY_KEYS = ("loss", "mse_h1", "mse_h2", "mse_pooled", "centred_cos_matched", "centred_cos_mismatched",
+                "pool100_top1")
+
+
+def summary(run: Run | list[Run]) -> dict:
+    """The numbers a notebook table or metrics.json shows for a run: held-out metrics before and after. For the runs
+    of one variant over several seeds (``compare``): their means, the seed count, and each metric's ``[min, max]``
+    over the seeds under ``spread``."""
+    if isinstance(run, list):
+        each = [summary(r) for r in run]
+        numbers = [k for k, v in each[0].items() if isinstance(v, (int, float))]
+        mean = {k: round(sum(e[k] for e in each) / len(each), 4) for k in numbers}
+        spread = {k: [min(e[k] for e in each), max(e[k] for e in each)] for k in numbers if k.endswith(("_before", "_after"))}
+        return {**mean, "seeds": len(each), "spread": spread}
+    return {"steps": run.steps, **{f"{k}_before": round(run.before[k], 4) for k in SUMMARY_KEYS},
+            **{f"{k}_after": round(run.after[k], 4) for k in SUMMARY_KEYS}, "pool_chance": run.after["pool_chance"],
             "samples_per_second": round(run.samples_per_second, 1), "seconds": round(run.seconds, 1)}
 
 
-def compare(setup: Setup, variants: dict[str, dict], steps: int, progress: bool = True) -> dict[str, Run]:
-    """One run per variant (its keyword overrides), all with the same budget, seed and data order. The warm-up is
-    scaled to the budget (the same share of it as in the profile's run), so a short run is not mostly warm-up.
-    The runs keep their logs and metrics, not their students (freed as each run ends)."""
+def compare(setup: Setup, variants: dict[str, dict], steps: int, seeds: int | None = None, points: int = 4,
+            progress: bool = True) -> dict[str, list[Run]]:
+    """Runs that differ only in one thing: for each variant (its keyword overrides), one run per seed, all with the
+    same budget and held-out set. ``seeds`` runs per variant (default: ``distill.compare_seeds``), seeded from the
+    profile's seed up: the random starting rows and the data order change with the seed, so the spread over seeds
+    shows how much of a difference between variants is luck.
+
+    Each run is evaluated ``points`` times along the way (and at step 0), on the first ``distill.compare_eval_pairs``
+    held-out pairs (cheaper evaluations, often enough to draw a curve). The warm-up is scaled to the budget (the same
+    share of it as in the profile's run), so a short run is not mostly warm-up. The runs keep their logs and metrics,
+    not their students (freed as each run ends)."""
+    import dataclasses
+
     from tqdm.auto import tqdm
 
-    cfg = setup.profile.distill
-    common = {"steps": steps, "warmup_steps": round(cfg.warmup_steps * steps / cfg.steps)}
-    runs = {}
-    for name, overrides in tqdm(variants.items(), desc="runs", disable=not progress):
-        runs[name] = distil(setup, progress=False, **(common | overrides))
-        runs[name].students = None  # only the numbers are compared: never hold every run's students at once
+    p, cfg = setup.profile, setup.profile.distill
+    on = dataclasses.replace(setup, held_out=setup.held_out.subset(cfg.compare_eval_pairs or cfg.eval_pairs))
+    common = {"steps": steps, "warmup_steps": round(cfg.warmup_steps * steps / cfg.steps),
+              "eval_every": max(1, steps // points)}
+    todo = [(name, seed) for name in variants for seed in range(p.seed, p.seed + (seeds or cfg.compare_seeds))]
+    runs = {name: [] for name in variants}
+    for name, seed in tqdm(todo, desc="runs", disable=not progress):
+        run = distil(on, progress=False, seed=seed, **(common | variants[name]))
+        run.students = None  # only the numbers are compared: never hold every run's students at once
+        runs[name].append(run)
     return runs
 
 

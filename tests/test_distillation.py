@@ -5,6 +5,7 @@ on the shapes world's tiny teachers: seconds per run, and every path the full ru
 from_pretrained folders) except the GPU's precisions.
 """
 
+import copy
 import json
 import os
 import random
@@ -15,6 +16,7 @@ from itertools import islice
 import pytest
 import torch
 
+from jpsdxl import cli
 from jpsdxl import distillation as D
 from jpsdxl.data import pair_stream
 from jpsdxl.core.profiles import DistillConfig, derive, load_profile, save_profile
@@ -156,29 +158,29 @@ def test_saved_folders_load_with_from_pretrained(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_through_accelerate_launch_give_the_same_loss(small_profile, tmp_path):
+def test_two_processes_through_accelerate_launch_give_the_same_loss(small_profile, tmp_path, capsys):
     """The same global batch over 2 CPU processes (gloo) as over 1: the same losses, the same weights; with
     pad_positions too (the processes agree on one length per step)."""
     profile = save_profile(derive(small_profile, name="small_pad", distill={"pad_positions": 0}),
                            tmp_path / "small_pad.toml")  # a file: the launched processes read --profile FILE
 
-    def launch(n, out):
-        # --multi_gpu is accelerate's launcher for N local processes (torch.distributed.run); on a machine without
-        # CUDA the trainer asks accelerate for CPU processes, which then form a gloo group
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if n > 1 else []),
-               "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(29500 + n), "-m", "jpsdxl.cli", "distill", "--profile", str(profile),
-               "--out", str(out), "--steps", "4"]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert f"processes: {n}" in done.stdout  # really n processes in one group, not n separate runs
+    def log(out):
         rows = [r.split(",") for r in (out / "log.csv").read_text().splitlines()]
-        header = rows[0]
-        return [dict(zip(header, r)) for r in rows[1:]], out
+        return [dict(zip(rows[0], r)) for r in rows[1:]], out
 
-    one, out1 = launch(1, tmp_path / "one")
-    two, out2 = launch(2, tmp_path / "two")
+    # one process: the CLI in this process (a third interpreter would only start, import and load again)
+    assert cli.main(["distill", "--profile", str(profile), "--out", str(tmp_path / "one"), "--steps", "4"]) == 0
+    assert "processes: 1" in capsys.readouterr().out
+    one, out1 = log(tmp_path / "one")
+    # --multi_gpu is accelerate's launcher for N local processes (torch.distributed.run); on a machine without CUDA
+    # the trainer asks accelerate for CPU processes, which then form a gloo group
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29502",
+           "-m", "jpsdxl.cli", "distill", "--profile", str(profile), "--out", str(tmp_path / "two"), "--steps", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes: 2" in done.stdout  # really 2 processes in one group, not 2 separate runs
+    two, out2 = log(tmp_path / "two")
     for a, b in zip(one, two):
         for key in ("train_h1", "train_h2", "train_pooled"):
             if a.get(key):
@@ -270,9 +272,23 @@ def test_comparison_runs_scale_the_warm_up_to_their_budget(setup):
     p = setup.profile  # 6 steps; with a 6-step warm-up, a 3-step comparison would stop half-way up the ramp
     longer = dataclasses.replace(setup, profile=dataclasses.replace(p, distill=dataclasses.replace(
         p.distill, warmup_steps=6)))
-    run = D.compare(longer, {"default": {}}, steps=3, progress=False)["default"]
+    run = D.compare(longer, {"default": {}}, steps=3, progress=False)["default"][0]
     last = [row for row in run.log if row["step"] == 3][-1]
     assert last["lr"] == pytest.approx(p.distill.lr)  # warm-up 3 of 3 steps: the peak rate at the end
+
+
+def test_comparisons_run_each_variant_over_seeds_evaluating_along_the_way(setup):
+    """Notebook 03's init comparison: each variant once per seed, evaluated ``points`` times and at step 0; another
+    seed is another data order; the summary of a variant is the seeds' mean with their range."""
+    runs = D.compare(setup, {"mean": {"init": "mean"}}, steps=4, seeds=2, points=2, progress=False)["mean"]
+    assert [[row["step"] for row in run.log if "eval_loss" in row] for run in runs] == [[0, 2, 4], [0, 2, 4]]
+    assert runs[0].log[1]["train_h1"] != runs[1].log[1]["train_h1"]
+    again = D.compare(setup, {"mean": {"init": "mean"}}, steps=4, seeds=1, points=2, progress=False)["mean"][0]
+    assert again.after == runs[0].after  # the first seed is the profile's: the same run again
+    each = [D.summary(run)["loss_after"] for run in runs]
+    both = D.summary(runs)
+    assert both["seeds"] == 2 and both["loss_after"] == pytest.approx(sum(each) / 2, abs=1e-4)
+    assert both["spread"]["loss_after"] == sorted(each)
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_step(setup):
@@ -494,3 +510,34 @@ def test_token_ids_memo_gives_the_same_ids_and_tokenizes_each_sentence_once(setu
     plain(sentences)
     assert calls == [20, 40, 40] and plain.memo is None
     assert setup.teachers.token_ids(tok) is setup.teachers.token_ids(tok)  # one memo per tokenizer, kept by the run
+
+
+def test_teacher_targets_through_n_positions_are_the_first_n_of_all_77(setup):
+    """The trainer asks the teachers for only the positions the students compute: those must be the full 77-position
+    outputs cut at n (a causal encoder; the pooled output reads the EOS inside n), cached or not, and a cached
+    sentence asked for more positions later is computed again, not served short."""
+    sentences = ["a red circle", "two dogs are running on the beach this morning"]
+    full = setup.teachers.encode(sentences)
+    cached = D.Teachers(setup.teachers.text_encoder, setup.teachers.text_encoder_2, setup.teachers.tokenizer,
+                        setup.teachers.tokenizer_2, cache={})
+    uncached = D.Teachers(*(getattr(setup.teachers, k) for k in ("text_encoder", "text_encoder_2", "tokenizer",
+                                                                  "tokenizer_2")))
+    for n in (14, 20, 77):  # 14: past the longer sentence's EOS
+        for teachers, atol in ((uncached, 1e-5), (cached, 2e-3)):  # the cache keeps float16
+            got = teachers.targets(sentences, "cpu", n)
+            assert got.h1.shape[1] == got.h2.shape[1] == n
+            for t in D.TARGETS:
+                assert torch.allclose(getattr(got, t), getattr(full.first(n), t), atol=atol), (n, t)
+        assert len(cached.cache["a red circle"].h1) == n  # grown on demand
+
+
+def test_students_train_in_float32_or_keep_the_teachers_dtype(setup):
+    """Training copies are float32; stage 4's untrained copies (``dtype=None``) are built in the teachers' dtype
+    directly, never as a float32 pair first (3 GB more at SDXL's shapes)."""
+    t = setup.teachers
+    half = D.Teachers(*(m.to(torch.bfloat16) for m in (copy.deepcopy(t.text_encoder), copy.deepcopy(t.text_encoder_2))),
+                      t.tokenizer, t.tokenizer_2)
+    trained = D.make_students(half, setup.tokenizer, setup.tokenizer_2, "mean")
+    kept = D.make_students(half, setup.tokenizer, setup.tokenizer_2, "mean", dtype=None)
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}

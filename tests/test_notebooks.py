@@ -121,22 +121,28 @@ def test_notebook_03_numbers_say_what_its_text_says(tutorial):
     assert d["centred_cos_matched_after"] > 0.3 and abs(d["centred_cos_mismatched_after"]) < 0.02
     assert d["pool100_top1_after"] > 10 * m["pool_chance"] and d["pool100_top1_after"] > 3 * d["pool100_top1_before"]
     i = m["inits"]
-    # "random ends last on every measure; top-k ends first; the mean row beats the card's similarity start"
-    assert _within(-i["random"]["loss_after"], -max(r["loss_after"] for r in i.values()))
-    assert i["random"]["pool100_top1_after"] <= min(r["pool100_top1_after"] for r in i.values()) + 0.01
-    assert _within(i["top-k (remedy)"]["loss_after"], min(r["loss_after"] for r in i.values()))
+    assert m["compare_seeds"] == 3 and all(r["seeds"] == 3 for r in i.values())
+    low, high = ({k: r["spread"][f"{key}_after"][end] for k, r in i.items()} for key, end in (("loss", 0), ("loss", 1)))
+    others = [k for k in i if k != "random"]
+    # "random ends last in every seed" (loss and retrieval); "similarity ends above top-k and the mean row in every
+    # seed"; "top-k and the mean row end lowest"; "top-k is best on retrieval on average"
+    assert all(_within(-low["random"], -high[k], 0.005) for k in others)  # ranges: half a percent of slack
+    assert i["random"]["spread"]["pool100_top1_after"][1] <= min(i[k]["spread"]["pool100_top1_after"][0] for k in others)
+    assert _within(-low["similarity (card)"], -max(high["top-k (remedy)"], high["mean row"]), 0.005)
+    assert _within(min(i["top-k (remedy)"]["loss_after"], i["mean row"]["loss_after"]),
+                   min(r["loss_after"] for r in i.values()))
     assert i["top-k (remedy)"]["pool100_top1_after"] >= max(r["pool100_top1_after"] for r in i.values()) - 0.01
-    assert _within(i["mean row"]["loss_after"], i["similarity (card)"]["loss_after"])
     a = m["alternative"]
     # "computing all 77 positions ends where the default does, on the MSE over all 77 positions too, at a lower rate"
     every, short = a["all 77 positions"], a["causal (default)"]
     for key in ("loss_after", "mse_h1_after", "mse_h2_after"):
         assert abs(every[key] - short[key]) < 0.03 * short[key], key
     assert every["samples_per_second"] < short["samples_per_second"]
-    # "the non-causal student starts far worse and is still behind after the same budget"
+    # "the non-causal student starts far worse and is still behind on loss after the same budget; about level on
+    # retrieval"
     assert a["non-causal"]["loss_before"] > 2 * a["causal (default)"]["loss_before"]
     assert a["non-causal"]["loss_after"] > a["causal (default)"]["loss_after"]
-    assert a["non-causal"]["pool100_top1_after"] < a["causal (default)"]["pool100_top1_after"]
+    assert abs(a["non-causal"]["pool100_top1_after"] - a["causal (default)"]["pool100_top1_after"]) < 0.03
     assert m["sdxl_flops_per_pair"] == 8 * 716_375_040 * 77  # SDXL 1.0's two text towers without embeddings
     # the saved students are diffusers components
     assert CLIPTextModel.from_pretrained(folder / "text_encoder").config.vocab_size == 8000

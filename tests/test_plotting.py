@@ -37,3 +37,19 @@ def test_judged_grid_frames_each_image_by_the_judges_marks():
     assert axes[0][0].get_ylabel() == "a\n1/3" and axes[1][0].get_ylabel() == "b\n0/3"
     assert axes[0][2].get_title() == "緑の三角"
     plt.close(fig)
+
+
+def test_training_curves_draw_the_seeds_mean_and_shade_their_range():
+    import matplotlib.pyplot as plt
+
+    from jpsdxl.notebook.plotting import training_curves
+
+    run = lambda *v: [{"step": s, "eval_loss": x} for s, x in zip((0, 50, 100), v)]  # noqa: E731
+    fig = training_curves({"one": run(1.0, 0.5, 0.4), "three": [run(1.0, 0.6, 0.3), run(1.0, 0.4, 0.5),
+                                                                run(1.0, 0.5, 0.4)]}, keys=("eval_loss",))
+    ax = fig.axes[0]
+    assert [[round(y, 6) for y in line.get_ydata()] for line in ax.lines] == [[1.0, 0.5, 0.4], [1.0, 0.5, 0.4]]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # the shaded range of the three seeds only
+    assert len(ax.collections) == 1 and min(band) == 0.3 and max(band) == 1.0 and 0.6 in band
+    assert ax.get_legend_handles_labels()[1] == ["one", "three (mean of 3 seeds)"]
+    plt.close(fig)

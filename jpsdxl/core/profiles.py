@@ -120,6 +120,8 @@ class DistillConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     compare_steps: int | None = None  # notebook 03's comparisons (inits, alternative); None: steps
+    compare_seeds: int = 1  # runs per variant in those comparisons (seeds from the profile's seed up)
+    compare_eval_pairs: int | None = None  # held-out pairs their frequent evaluations use (None: eval_pairs)
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,9 @@ def _check_values(p: Profile, path: Path) -> None:
     for key, value, low in (("distill.steps", d.steps, 1), ("distill.batch_size", d.batch_size, 1),
                             ("distill.grad_accum", d.grad_accum, 1), ("distill.eval_pairs", d.eval_pairs, 2),
                             ("distill.eval_every", d.eval_every, 1), ("distill.checkpoint_every", d.checkpoint_every, 1),
-                            ("distill.keep_checkpoints", d.keep_checkpoints, 1), ("distill.warmup_steps", d.warmup_steps, 0)):
+                            ("distill.keep_checkpoints", d.keep_checkpoints, 1), ("distill.warmup_steps", d.warmup_steps, 0),
+                            ("distill.compare_seeds", d.compare_seeds, 1),
+                            ("distill.compare_eval_pairs", d.compare_eval_pairs or 2, 2)):
         if value < low:
             bad(key, value, f"must be at least {low}")
     if d.batch_size % d.grad_accum:

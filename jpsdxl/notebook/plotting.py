@@ -111,16 +111,24 @@ def judged_grid(images: dict, marks: dict[str, list[tuple[bool, bool]]], titles:
     return fig
 
 
-def training_curves(logs: dict[str, list[dict]], keys=("eval_loss", "eval_pool100_top1"), chance: float | None = None,
+def training_curves(logs: dict[str, list], keys=("eval_loss", "eval_pool100_top1"), chance: float | None = None,
                     titles=("held-out loss (lower is better)", "pool-100 top-1 (higher is better)")):
-    """One panel per logged metric, one line per run, over optimiser steps (stage 3's ``Run.log`` rows)."""
+    """One panel per logged metric, one line per run, over optimiser steps (stage 3's ``Run.log`` rows). A run given
+    as a list of logs (the same run over several seeds) is drawn as the seeds' mean with their range shaded."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 3.4), squeeze=False)
     for ax, key, title in zip(axes[0], keys, titles):
         for name, log in logs.items():
-            rows = [r for r in log if r.get(key) not in (None, "")]
-            ax.plot([r["step"] for r in rows], [float(r[key]) for r in rows], marker="o", ms=3, label=name)
+            seeds = log if log and isinstance(log[0], list) else [log]
+            rows = [[r for r in one if r.get(key) not in (None, "")] for one in seeds]
+            steps = [r["step"] for r in rows[0]]
+            values = np.array([[float(r[key]) for r in one] for one in rows])  # seeds x evaluations
+            line, = ax.plot(steps, values.mean(0), marker="o", ms=3,
+                            label=name if len(seeds) == 1 else f"{name} (mean of {len(seeds)} seeds)")
+            if len(seeds) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2, lw=0)
         if chance is not None and "top1" in key:
             ax.axhline(chance, color="crimson", ls="--", lw=1, label="chance")
         ax.set_xlabel("step")

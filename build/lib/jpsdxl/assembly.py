@@ -1,0 +1,289 @@
+"""Stage 4's model folders: a Japanese SDXL that plain diffusers loads.
+
+``assemble`` writes the Japanese SDXL as two diffusers folders, ``base`` and ``refiner``, that plain
+``StableDiffusionXLPipeline.from_pretrained`` / ``StableDiffusionXLImg2ImgPipeline.from_pretrained`` load, the way
+the published cl-tohoku/stable-diffusion-xl-jp-{base,refiner}-1.0 folders load: the refiner carries the Japanese
+``text_encoder_2`` and ``tokenizer_2``. Unchanged components (UNets, VAE, scheduler) are links to the English
+pipeline's folders, and the refiner's text parts are links to the base's: nothing large is stored twice.
+``japanese_variants`` builds the models stage 4 compares; ``japanese_model`` is what ``jpsdxl generate`` draws with.
+
+This file does not run the pipelines (``generation.py``) or train the encoders (``distillation.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .core.models import resolve_profile
+from .core.runs import quiet_hf_progress
+
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def _link(src: Path, dest: Path, final_parent: Path, copy: bool) -> None:
+    """``dest`` (inside a temporary folder that becomes ``final_parent``) as a copy of ``src`` or a link to it; links
+    are relative to where the folder ends up, so a folder moved together with its source keeps working."""
+    if copy:
+        shutil.copytree(src, dest, symlinks=False) if src.is_dir() else shutil.copy2(src, dest)
+    else:
+        os.symlink(os.path.relpath(src.resolve(), final_parent.resolve()), dest)
+
+
+def _students(folder: str | Path) -> Path:
+    """``folder`` as a Path, checked to hold stage 3's four parts (``save_students``); else one line saying what
+    writes them."""
+    folder = Path(folder)
+    missing = [p for p in TEXT_PARTS if not (folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: run notebook 03 or `jpsdxl distill` (they "
+                                f"write these four folders) first.")
+    return folder
+
+
+def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = False) -> dict[str, Path]:
+    """``out/base`` and ``out/refiner``: the profile's English pipelines with the Japanese encoders and tokenizers of
+    ``students_dir`` (stage 3's ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2`` folders).
+
+    ``copy=False`` links the unchanged parts (a folder to share or upload: ``copy=True``, which copies them).
+    """
+    from .core.runs import atomic_path, write_json
+
+    students_dir = _students(students_dir)
+    folders = resolve_profile(profile)
+    english = {"base": Path(folders["SDXL base"]), "refiner": Path(folders["SDXL refiner"])}
+    # the profile's replacement VAE (full: the fp16-safe one) is the one the English baseline decodes with too
+    vae = Path(folders["VAE"]) if "VAE" in folders else None
+    out = Path(out).resolve()
+    result = {}
+    for role in ("base", "refiner"):
+        with atomic_path(out / role) as tmp:
+            tmp.mkdir()
+            index = json.loads((english[role] / "model_index.json").read_text())
+            for name in ("tokenizer", "tokenizer_2"):  # the class diffusers instantiates: not CLIP's BPE any more
+                if index.get(name, [None])[0] is not None:
+                    index[name] = ["transformers", "PreTrainedTokenizerFast"]
+            for name in index:
+                if name.startswith("_") or not (english[role] / name).exists():
+                    continue
+                if name in TEXT_PARTS:  # the Japanese parts: the base's are the students', the refiner's the base's
+                    src = students_dir / name if role == "base" else out / "base" / name
+                    _link(src, tmp / name, out / role, copy=copy or role == "base")
+                elif name == "vae" and vae is not None:
+                    _link(vae, tmp / name, out / role, copy=copy)
+                else:
+                    _link(english[role] / name, tmp / name, out / role, copy=copy)
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        result[role] = out / role
+    write_json(out / "source.json", {"students": str(students_dir.resolve()), "fingerprint": fingerprint(students_dir)})
+    return result
+
+
+def fingerprint(students_dir: str | Path) -> str:
+    """What stage 3 left, in a few bytes: every file of the four parts with its size and modification time. An
+    assembled model records it (``source.json``), so a model assembled from older encoders is noticed."""
+    import hashlib
+
+    folder = Path(students_dir)
+    files = sorted(p for part in TEXT_PARTS for p in (folder / part).rglob("*") if p.is_file())
+    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def describe_assembled(folder: str | Path) -> list[dict]:
+    """One row per component of an assembled model: where each of base's and refiner's parts really lives."""
+    from .core.hub import folder_size
+
+    folder = Path(folder).resolve()
+    rows = []
+    for role in ("base", "refiner"):
+        for part in sorted(p for p in (folder / role).iterdir() if p.is_dir()):
+            target = part.resolve()
+            inside = target.is_relative_to(folder)
+            rows.append({"folder": role, "component": part.name,
+                         "stored": "here" if not part.is_symlink() else
+                         f"link to {target.relative_to(folder)}" if inside else "link to the English model",
+                         "MB": round(folder_size(target) / 1e6, 1)})
+    return rows
+
+
+class JapaneseModel(NamedTuple):
+    """Where a Japanese SDXL's two pipelines are, and the weights variant to load them in (hub downloads only)."""
+
+    base: Path
+    refiner: Path
+    variant: str | None = None
+
+
+def has_variant(folder: str | Path, variant: str | None) -> bool:
+    """Does a pipeline folder hold ``variant`` weight files (``unet/*.fp16.safetensors``)? The published SD-XL 1.0-jp
+    repos hold none, so loading them with the profile's ``variant="fp16"`` must fall back to the plain files."""
+    return bool(variant) and any(f".{variant}." in p.name for p in (Path(folder) / "unet").glob("*"))
+
+
+def check_pipeline_folder(folder: str | Path, what: str = "--model") -> None:
+    """One line for a pipeline folder that is half there (a copy or download that stopped early): no
+    ``model_index.json``, a component it names missing, or a weights file cut short. Checked before anything loads."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    again = "copy or download it again, or assemble it again (notebook 04, assembly.assemble)"
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{what} {folder}: no readable model_index.json ({type(e).__name__}), so not a "
+                                f"diffusers pipeline folder: {again}") from None
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    missing = [k for k in parts if not (folder / k).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{what} {folder} lacks {', '.join(missing)}: {again}")
+    for weights in sorted(p for k in parts for p in (folder / k).glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):  # reads the header, which also checks the file's length
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{what} {weights}: unreadable ({e}): {again}") from None
+
+
+def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None,
+                   offload: bool = False, share=None):
+    """(base, refiner) from an ``assemble`` folder, or from a ``JapaneseModel`` (``japanese_model``): plain
+    diffusers. The weights variant is used only where the folder has it.
+
+    ``offload``: model CPU offload *instead of* moving the pipelines to ``device`` (moving first would hold every
+    component on the GPU at once). ``share``: the English (base, refiner) whose UNets, VAE and scheduler to reuse,
+    so that only the text parts load (one UNet pair resident however many models are compared)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    if isinstance(folder, JapaneseModel):
+        base_dir, refiner_dir, variant = folder.base, folder.refiner, folder.variant or variant
+    else:
+        base_dir, refiner_dir = Path(folder) / "base", Path(folder) / "refiner"
+    variant = variant if has_variant(base_dir, variant) else None
+    reuse = ({}, {}) if share is None else (
+        {"unet": share[0].unet, "vae": share[0].vae, "scheduler": share[0].scheduler},
+        {"unet": share[1].unet, "scheduler": share[1].scheduler})
+    with quiet_hf_progress():
+        base = StableDiffusionXLPipeline.from_pretrained(str(base_dir), dtype=dtype, variant=variant, **reuse[0])
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            str(refiner_dir), dtype=dtype, variant=variant, text_encoder_2=base.text_encoder_2,
+            tokenizer_2=base.tokenizer_2, vae=base.vae, **reuse[1])
+    for pipe in (base, refiner):
+        if offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+    return base, refiner
+
+
+def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path, english) -> dict:
+    """The Japanese models stage 4 compares, as (base, refiner) pairs: copies with every row the mean English row
+    (untrained), copies with stage 2's similarity rows (init only; stage 2's mapping, by the one rule of
+    ``runs.require``) and the distilled model assembled in ``model_dir``. All use stage 3's saved tokenizers.
+
+    ``english`` is the English (base, refiner): its text encoders are the teachers the copies start from, and its
+    UNets, VAE and scheduler are shared by every variant, so one UNet pair is resident however many are compared."""
+    from transformers import AutoTokenizer
+
+    from .distillation import Teachers, make_students
+    from .embedding_init import stage_mapping
+    from .generation import with_text_parts
+
+    students_dir = Path(students_dir)
+    tok, tok_2 = (AutoTokenizer.from_pretrained(students_dir / t) for t in ("tokenizer", "tokenizer_2"))
+    base = english[0]
+    teachers = Teachers(base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2)
+    variants = {}
+    for name, strategy, mapping in (("untrained (mean rows)", "mean", None),
+                                    ("init only (similarity)", "similarity", stage_mapping(profile))):
+        s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed, dtype=None)  # as the pipelines
+        variants[name] = with_text_parts(english, s.text_encoder.eval(), s.text_encoder_2.eval(), tok, tok_2)
+    variants["distilled"] = load_assembled(model_dir, profile.torch_dtype(), profile.torch_device(), share=english)
+    return variants
+
+
+def published_model(profile, english) -> dict:
+    """``{"SD-XL 1.0-jp (published)": (base, refiner)}`` when the profile names a published Japanese SDXL
+    (``models.published``) and it can be fetched; else ``{}``, with one line saying why it is left out. The card
+    retrained only the text encoders, so its UNets are SDXL 1.0's: it shares ``english``'s UNets, VAE and scheduler
+    like every compared variant (one UNet pair resident), and only its text parts load."""
+    import sys
+
+    from .core.hub import ModelNotAvailable
+
+    if not profile.models.published:
+        return {}
+    try:
+        model = japanese_model(profile, profile.models.published)
+    except ModelNotAvailable as e:
+        print(f"{profile.models.published} is left out of the comparison: {str(e).splitlines()[0]}", file=sys.stderr)
+        return {}
+    pair = load_assembled(model, profile.torch_dtype(), profile.torch_device(), share=english)
+    return {"SD-XL 1.0-jp (published)": pair}
+
+
+def with_students(english, students_dir: str | Path):
+    """(base, refiner) that read prompts through a stage-3 output folder's encoders and tokenizers (``save_students``
+    layout) and share ``english``'s UNets, VAE and scheduler: nothing is assembled on disk."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .generation import with_text_parts
+
+    folder = _students(students_dir)
+    with quiet_hf_progress():
+        te = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        te_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+    tok, tok_2 = (AutoTokenizer.from_pretrained(folder / name) for name in ("tokenizer", "tokenizer_2"))
+    return with_text_parts(english, te.eval(), te_2.eval(), tok, tok_2)
+
+
+def refiner_id(base_id: str) -> str:
+    """The refiner's hub id beside a base's, by the naming the published pairs use
+    (``cl-tohoku/stable-diffusion-xl-jp-base-1.0`` -> ``...-jp-refiner-1.0``)."""
+    owner, _, name = base_id.partition("/")
+    if name.count("-base") != 1:
+        raise ValueError(f"--model {base_id}: cannot tell its refiner's hub id; give both: --model BASE_ID,REFINER_ID")
+    return f"{owner}/{name.replace('-base', '-refiner')}"
+
+
+def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
+    """The base and refiner folders ``jpsdxl generate`` draws with. ``model``: a folder holding base/ and refiner/,
+    or hub ids (``BASE_ID`` with the refiner found by name, or ``BASE_ID,REFINER_ID``; fetched once, in the
+    profile's weights variant). Default: the profile's assembled model under runs/, assembled from stage 3's
+    students if needed (missing students: an error that says to run ``jpsdxl distill``)."""
+    import sys
+
+    from .core.models import resolve_all
+    from .core.runs import require, stage_dir
+
+    if model is not None:
+        folder = Path(model).expanduser()
+        if (folder / "base").is_dir() and (folder / "refiner").is_dir():
+            for role in ("base", "refiner"):
+                check_pipeline_folder(folder / role)
+            return JapaneseModel(folder / "base", folder / "refiner")
+        if folder.exists() or str(model).count("/") != str(model).count(",") + 1:
+            raise FileNotFoundError(f"--model {model}: not a folder holding base/ and refiner/ (notebook 04 writes "
+                                    f"runs/<profile>/04_generation/model; assembly.assemble makes one), nor hub ids "
+                                    f"(owner/name, or base,refiner)")
+        base_id, _, refiner = str(model).partition(",")
+        variant = profile.models.variant
+        found = resolve_all({"Japanese SDXL base": (base_id, "pipeline", variant),
+                             "Japanese SDXL refiner": (refiner or refiner_id(base_id), "pipeline", variant)})
+        return JapaneseModel(found["Japanese SDXL base"], found["Japanese SDXL refiner"], variant)
+    out = stage_dir(profile, "generate") / "model"
+    students = require(profile, "distill", *TEXT_PARTS)  # no trained encoders yet: says to run `jpsdxl distill`
+    if (out / "base").is_dir() and (out / "refiner").is_dir():
+        recorded = json.loads((out / "source.json").read_text()) if (out / "source.json").exists() else {}
+        if recorded.get("fingerprint") == fingerprint(students):
+            return JapaneseModel(out / "base", out / "refiner")
+        print(f"stage 3's encoders in {students} changed since {out} was assembled: assembling it again",
+              file=sys.stderr)
+    assemble(profile, students, out)
+    return JapaneseModel(out / "base", out / "refiner")

@@ -1,0 +1,329 @@
+"""``jpsdxl``: the command line. ``jpsdxl run --profile tiny`` executes the whole tutorial.
+
+One sub-command per stage of the recipe, each the stage's ``run`` (outputs under ``runs/<profile>/``; a stage whose
+input is missing says which command makes it):
+
+    jpsdxl tokenizer   stage 1: the Japanese tokenizers          -> 01_tokenizer_alignment/tokenizer{,_2}
+    jpsdxl init        stage 2: nearest English token per piece  -> 02_embedding_init/mapping.{pt,tsv}
+    jpsdxl distill     stage 3: train both encoders (resumable; several GPUs: accelerate launch -m jpsdxl.cli distill)
+    jpsdxl generate    stage 4: base -> refiner from Japanese prompts
+
+and ``run`` (the notebooks, in order, by papermill), ``prepare`` (fetch data and models, build the zoo, the tokenizer
+and stage 2's mapping ahead of a run or a workshop), ``train-shapes`` (rebuild the shapes world's shipped weights),
+``env`` (versions and hardware), ``profiles`` (what each profile is for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import get_args
+
+from .core.profiles import Strategy
+
+
+def _count(text: str) -> int:
+    """A whole number of at least 1 (steps): 0 or a negative count is an argument error, not the profile's default."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a whole number of at least 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed {text}: a whole number from 0 to 2**63 - 1")
+    return value
+
+
+def _finite(text: str) -> float:
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jpsdxl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the notebooks with papermill; outputs under runs/<profile>/")
+    run.add_argument("--profile", default="tiny", help="profile name (tiny, full, full-random) or a .toml path")
+    run.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 00 01")
+    run.add_argument("--runs", default=None, help="output root (default: <repo>/runs)")
+    run.add_argument("--no-html", action="store_true", help="skip the HTML export")
+    prep = sub.add_parser("prepare", help="fetch data and models, build the zoo, the Japanese tokenizer and stage 2's "
+                                          "mapping: everything slow that the notebooks would do on first use")
+    prep.add_argument("--profile", default="tiny")
+    tok = sub.add_parser("tokenizer", help="stage 1: train the Japanese tokenizer and save both tokenizers")
+    tok.add_argument("--profile", default="tiny")
+    init = sub.add_parser("init", help="stage 2: map every Japanese piece to its most similar English CLIP tokens "
+                                       "(mapping.pt, mapping.tsv)")
+    init.add_argument("--profile", default="tiny")
+    dist = sub.add_parser("distill", help="train the Japanese text encoders (stage 3); resumes from the newest "
+                                          "checkpoint in --out unless --fresh")
+    dist.add_argument("--profile", default="tiny")
+    dist.add_argument("--out", default=None, help="output folder (default: runs/<profile>/03_distillation)")
+    dist.add_argument("--steps", type=_count, default=None, help="override distill.steps")
+    dist.add_argument("--init", default=None, choices=get_args(Strategy), help="override the starting rows")
+    dist.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    gen = sub.add_parser("generate", help="draw images from Japanese prompts with the Japanese SDXL (base, then "
+                                          "refiner, as the SD-XL 1.0-jp card does)")
+    gen.add_argument("prompt", nargs="*", help="one or more prompts, e.g. かわいすぎる子猫")
+    gen.add_argument("--prompts-file", default=None, help="a UTF-8 text file, one prompt per line")
+    gen.add_argument("--out", default="out.png", help="image file; with several prompts, out-01.png, out-02.png, ...; "
+                                                   "an existing folder: image.png (image-01.png, ...) inside it")
+    gen.add_argument("--model", default=None, help="a folder with base/ and refiner/ (notebook 04 or `assemble`), or "
+                                                   "hub ids: BASE_ID (refiner found by name) or BASE_ID,REFINER_ID; "
+                                                   "default: the profile's trained Japanese model")
+    gen.add_argument("--profile", default="tiny")
+    gen.add_argument("--negative", default=None, help="negative prompt (Japanese works)")
+    gen.add_argument("--seed", type=_seed, default=None, help="0 to 2**63 - 1")
+    gen.add_argument("--steps", type=_count, default=None)
+    gen.add_argument("--size", type=int, default=None, help="height and width in pixels (multiple of 8, at most 4096)")
+    gen.add_argument("--guidance", type=_finite, default=None)
+    gen.add_argument("--high-noise-frac", type=float, default=None, help="hand-off point base -> refiner, in (0, 1)")
+    gen.add_argument("--offload", action="store_true", help="small GPUs: model CPU offload + VAE tiling and slicing")
+    train = sub.add_parser("train-shapes", help="retrain the shapes world (tiny VAE, base and refiner UNets) from "
+                                                "its recipe and seed, into jpsdxl/zoo_weights/shapes/")
+    train.add_argument("--out", default=None, help="output folder (default: the shipped weights' folder)")
+    sub.add_parser("env", help="print versions, CPU, memory, GPU")
+    sub.add_parser("profiles", help="list the profiles")
+    args = parser.parse_args(argv)
+    from .core.hub import ModelNotAvailable
+    from .core.runs import RunInProgress
+
+    try:
+        return _dispatch(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailable, ModuleNotFoundError,
+            RunInProgress) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; finished artefacts stay, temporaries are cleaned
+        print("interrupted: what finished is kept under runs/ and the cache; rerun to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    return COMMANDS[args.command](args)
+
+
+def _run(args) -> int:
+    from .runner import NotebookFailed, run_notebooks
+
+    try:
+        summary = run_notebooks(args.profile, args.only, args.runs, html=not args.no_html)
+    except NotebookFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(summary)} notebooks, {sum(r['seconds'] for r in summary):.1f} s")
+    return 0
+
+
+def _prepare(args) -> int:
+    from .core.models import resolve_profile
+    from .core.profiles import load_profile
+    from .embedding_init import run as stage_2
+    from .tokenization import run as stage_1
+
+    profile = load_profile(args.profile)  # no device check: preparing caches needs the network, not the GPU
+    for role, folder in resolve_profile(profile).items():
+        print(f"{role}: {folder}")
+    print(f"stage 1: {stage_1(profile)}")
+    mapping = stage_2(profile)
+    print(f"stage 2: {len(mapping.ja):,} Japanese pieces mapped")
+    return 0
+
+
+def _tokenizer(args) -> int:
+    from .core.profiles import load_profile
+    from .tokenization import run as stage_1
+
+    folder = stage_1(load_profile(args.profile))
+    print(f"wrote {folder}/{{tokenizer,tokenizer_2}}")
+    return 0
+
+
+def _init(args) -> int:
+    from .core.profiles import load_profile
+    from .core.runs import stage_dir
+    from .embedding_init import run as stage_2
+
+    profile = load_profile(args.profile)
+    mapping = stage_2(profile)
+    best = mapping.rows()
+    print(f"{len(best):,} Japanese pieces mapped; e.g. " + ", ".join(
+        f"{r['ja_piece']} -> {r['en_token']}" for r in best[100:105]))
+    print(f"wrote {stage_dir(profile, 'init')}/mapping.{{pt,tsv}}")
+    return 0
+
+
+def _distill(args) -> int:
+    from accelerate import PartialState
+
+    from . import distillation as D
+    from .core.profiles import load_profile
+    from .core.runs import stage_dir
+
+    profile = load_profile(args.profile)
+    overrides = {k: v for k, v in (("steps", args.steps), ("init", args.init)) if v is not None}
+    try:
+        run = D.run(profile, args.out, resume=not args.fresh, **overrides)
+    except D.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    state = PartialState()
+    if state.is_main_process:
+        print(f"processes: {state.num_processes} ({state.distributed_type})")
+        if run.resumed_from is not None:
+            print(f"resumed from the checkpoint of step {run.resumed_from}")
+        print(run.bad_lines)
+        print(json.dumps(D.summary(run), indent=1))
+        folder = run.folder or stage_dir(profile, 'distill')
+        print(f"wrote {folder}/{{text_encoder,text_encoder_2,tokenizer,tokenizer_2}}")
+    return 0
+
+
+def _train_shapes(args) -> int:
+    from .core.zoo import RECIPES, WEIGHTS_DIR
+    from .shapes.training import train_shapes_world
+
+    out = Path(args.out).resolve() if args.out else WEIGHTS_DIR / RECIPES["shapes"]["weights"]
+    info = train_shapes_world(out)
+    print(f"wrote {out} in {info['total_seconds'] / 60:.1f} min (recipe {info['recipe']})")
+    if out == WEIGHTS_DIR / RECIPES["shapes"]["weights"]:
+        from .shapes.training import judge_shipped
+
+        scores = judge_shipped(out)["english_base_and_refiner"]
+        print(f"English prompts, judged: colour {scores['colour']:.1%}, shape {scores['shape']:.1%}")
+    return 0
+
+
+def _env(args) -> int:
+    from .notebook.overview import environment_report
+
+    print(json.dumps(environment_report(), indent=2))
+    return 0
+
+
+def _profiles(args) -> int:
+    from .notebook.overview import profile_table
+
+    for row in profile_table():
+        print(f"{row['profile']:12s} {row['device']:5s} {row['dtype']:9s} {row['what for']}")
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from . import assembly as A
+    from . import generation as G
+    from .core.profiles import load_profile
+    from .core.runs import ensure_writable
+    from .tokenization import check_prompts, encode_prompts
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file)
+    if not prompts:
+        raise ValueError("no prompt given: jpsdxl generate \"かわいすぎる子猫\" --out kitten.png (or --prompts-file FILE)")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("an empty prompt: give some text (SDXL's unconditional image needs no tool)")
+    check_prompts(prompts)  # before anything loads: a prompt too long to be read is refused now
+    paths = output_paths(args.out, len(prompts))
+    ensure_writable(paths[0].parent, "--out")  # before minutes of loading and drawing, not after
+    if args.size is not None and (args.size < 8 or args.size % 8 or args.size > 4096):
+        raise ValueError(f"--size {args.size}: a multiple of 8 (the VAE halves the size three times), at most 4096")
+    if args.high_noise_frac is not None and not 0 < args.high_noise_frac < 1:
+        raise ValueError(f"--high-noise-frac {args.high_noise_frac}: a fraction between 0 and 1, e.g. 0.8")
+    profile = load_profile(args.profile)
+    profile.check_device()
+    if args.offload and profile.torch_device().type != "cuda":
+        raise ValueError(f"--offload moves each part between the CPU and a CUDA GPU; profile {profile.name!r} runs on "
+                         f"{profile.device}: leave --offload out")
+    model = A.japanese_model(profile, args.model)
+    base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device(), offload=args.offload)
+    overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+                                       high_noise_frac=args.high_noise_frac).items() if v is not None}
+    if args.size:
+        overrides.update(height=args.size, width=args.size)
+    with warnings.catch_warnings(record=True) as caught:  # a prompt over 77 tokens: say once what was cut
+        warnings.simplefilter("always")
+        encode_prompts(base.tokenizer, prompts)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    for lib in (diffusers_logging, transformers_logging):  # their truncation warnings, once per encoder: said above
+        lib.set_verbosity_error()
+    if args.offload:  # offloaded as loaded (never moved to the GPU whole); the VAE decodes in tiles and slices
+        G.apply_memory_option(base, refiner, "vae tiling + slicing")
+    size = profile.generate.batch_size
+    # in batches, each written as it is drawn: nothing waits for the end
+    for batch, batch_paths in zip(G.batched(prompts, size), G.batched(paths, size)):
+        try:
+            images, _ = G.generate(profile, base, refiner, batch,
+                                   negative_prompt=args.negative and [args.negative] * len(batch), **overrides)
+        except torch.cuda.OutOfMemoryError:
+            raise ValueError("the GPU ran out of memory: try --offload (model CPU offload + VAE tiling), a smaller "
+                             "--size, or generate.batch_size = 1 in the profile") from None
+        for image, path in zip(images, batch_paths):
+            image.save(path)
+            print(path, flush=True)
+    return 0
+
+
+COMMANDS = {"run": _run, "prepare": _prepare, "tokenizer": _tokenizer, "init": _init, "distill": _distill,
+            "generate": _generate, "train-shapes": _train_shapes, "env": _env, "profiles": _profiles}
+
+
+# -----------------------------------------------------------------------------
+# generate's input and output
+
+
+MAX_PROMPTS_FILE = 1_000_000  # bytes: thousands of prompts; a bigger file is almost surely the wrong file
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per line (blank lines skipped); a clear error for what cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file (write one prompt per line)")
+    if path.stat().st_size > MAX_PROMPTS_FILE:
+        raise ValueError(f"--prompts-file {path}: {path.stat().st_size:,} bytes, over the {MAX_PROMPTS_FILE:,} this "
+                         f"command reads at once; split it into smaller files")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path}: no prompts in it (write one prompt per line)")
+    return prompts
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def output_paths(out: str | Path, n: int) -> list[Path]:
+    """``out`` for one image; ``stem-01.png``, ``stem-02.png``, ... beside it for several. ``out`` an existing folder
+    (or ending in ``/``): the images go inside it, as ``image.png`` or ``image-01.png``, ..."""
+    if str(out).endswith(("/", "\\")) or Path(out).is_dir():
+        out = Path(out) / "image.png"
+    out = Path(out)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--out {out}: give an image file name ending in .png, .jpg or .webp, or a folder")
+    if n == 1:
+        return [out]
+    width = max(2, len(str(n)))
+    return [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(1, n + 1)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

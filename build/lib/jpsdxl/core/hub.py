@@ -1,0 +1,93 @@
+"""Fetch a model from the Hugging Face hub (or find it in a local folder): a hub id or folder in, a folder out.
+
+Every loader in jpsdxl calls ``from_pretrained(models.resolve(...))``: on the ``tiny`` profile that is a folder
+the zoo built from configs, on ``full`` a hub snapshot that this file fetched. Offline (``HF_HUB_OFFLINE=1``) a
+hub model that is not in the local cache fails here, at once, with a message that names the model and says what
+to do, instead of a stack trace from deep inside huggingface_hub halfway through a notebook.
+
+Only what ``from_pretrained`` will read is fetched. SDXL's hub repos hold every weight in several forms (Flax,
+ONNX, OpenVINO, fp32 and fp16 PyTorch, single-file checkpoints): a plain ``snapshot_download`` of the base
+alone is tens of GB. So a pipeline goes through diffusers' own ``DiffusionPipeline.download`` (it knows the
+component folders, ``variant="fp16"`` and safetensors), a single model fetches its config and one weights
+file, and a tokenizer its tokenizer files.
+
+This file builds nothing (``zoo.py`` does) and does not choose between the two (``models.py`` does).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ADVICE = """What to do:
+  * on a machine with internet: unset HF_HUB_OFFLINE (or run `hf download <model id>` once to cache it);
+  * without internet: point the profile at a local folder holding a copy of it;
+  * or use the offline profile: --profile tiny (papermill: -p profile tiny)."""
+
+KINDS = ("pipeline", "model", "tokenizer", "sentence-transformers")
+TOKENIZER_FILES = ["*.model", "tokenizer*.json", "special_tokens_map.json", "vocab*", "merges.txt"]
+# what SentenceTransformer(folder) reads: its module list and configs, the safetensors weights, the tokenizer
+SENTENCE_TRANSFORMERS_FILES = ["*.json", "model.safetensors", "1_Pooling/*", "sentencepiece.bpe.model", "*.txt"]
+
+
+class ModelNotAvailable(RuntimeError):
+    """Models the profile names cannot be had: offline and not cached, or not found. One line per model."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems) + "\n" + ADVICE)
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def model_files(variant: str | None = None) -> list[str]:
+    """What ``ModelMixin.from_pretrained`` reads from a single-model repo (e.g. a replacement VAE)."""
+    weights = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    return ["config.json", f"{weights}.safetensors", f"{weights}.safetensors.index.json", f"{weights}-*.safetensors"]
+
+
+def _download(spec: str, kind: str, variant: str | None) -> Path:
+    offline = is_offline()
+    if kind == "pipeline":
+        from diffusers import DiffusionPipeline
+
+        return Path(DiffusionPipeline.download(spec, variant=variant, use_safetensors=True, local_files_only=offline))
+    from huggingface_hub import snapshot_download
+
+    patterns = {"model": model_files(variant), "tokenizer": TOKENIZER_FILES,
+                "sentence-transformers": SENTENCE_TRANSFORMERS_FILES}[kind]
+    return Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=offline))
+
+
+def resolve(spec: str, what: str = "model", kind: str = "pipeline", variant: str | None = None) -> Path:
+    """Local folder for ``spec``. ``what`` names the role in error messages (e.g. "SDXL base").
+
+    ``kind``: "pipeline" (a diffusers pipeline repo), "model" (one diffusers model, e.g. a VAE), "tokenizer", or
+    "sentence-transformers" (stage 2's embedder).
+    ``variant``: the weights variant to fetch ("fp16" for SDXL's half-precision files), hub ids only.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    if spec.startswith("zoo:"):
+        raise ValueError(f"{spec!r} is built by the zoo, not fetched: use jpsdxl.core.models.resolve")
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelNotAvailable([f"{what} {spec!r}: no such folder, and not a hub id of the form 'owner/name'"])
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return _download(spec, kind, variant)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
+        why = "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache" if is_offline() else f"{e}"
+        raise ModelNotAvailable([f"{what} {spec!r} is not available: {why}"]) from None
+    except Exception as e:  # network down, repo gated or renamed: say which model, keep the cause
+        raise ModelNotAvailable([f"{what} {spec!r} is not available: {type(e).__name__}: {e}"]) from e
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes of the files in ``folder`` (following the hub cache's links to its blobs): what a run fetched."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -1,0 +1,762 @@
+"""Stage 3: distillation. Japanese copies of both text encoders learn to output, on a Japanese sentence, what the
+frozen English encoders output on its English translation.
+
+The targets are what SDXL's UNets consume from the text side (diffusers' ``encode_prompt``): the penultimate hidden
+states (``hidden_states[-2]``) of ``text_encoder`` and ``text_encoder_2`` on all 77 positions, and
+``text_encoder_2``'s pooled, projected ``text_embeds``. The English teacher reads the English sentence tokenized and
+padded exactly as the SDXL pipeline does; the Japanese student reads its translation. (The card says only "hidden
+states": which layers, and all 77 positions, is this tutorial's reading of it.) Position i of the student is asked to
+match position i of the teacher although the two sentences do not align token by token (other word order, other
+lengths): under causal attention position i summarises the sentence *so far*, so only the positions at and after
+both EOS tokens, which have seen the whole sentence, have a meaning both sides share.
+
+Measuring closeness honestly needs two precautions: raw pooled cosines are dominated by a component every sentence
+shares (unrelated English sentences score high cosines through a random teacher), so cosines are taken after
+subtracting the teacher's mean output; and matched pairs are compared against mismatched ones, with retrieval among
+pools of 100 pairs (chance 1 %).
+
+Read top to bottom (the targets, loss and metrics themselves live in ``targets.py``, shared with stage 2; the
+seeded pair stream in ``data.TrainingPairs``): 1. the held-out set, 2. students and teachers, 3. batches,
+4. checkpoints, 5. the trainer (on ``accelerate``: one process, several GPUs or nodes with ``accelerate launch`` and
+no code change), 6. the stage as one call (``prepare``, ``distil``, ``run``), 7. saving the students as diffusers
+components. It does not assemble pipelines (stage 4, ``assembly.py``) or pick the starting rows (stage 2,
+``embedding_init.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from .core.runs import atomic_path, write_json
+from .data import TrainingPairs
+from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
+    TARGETS, Outputs, TokenIds, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms,
+    pool_retrieval, positions_needed, token_ids, weighted_loss)
+
+
+# -----------------------------------------------------------------------------
+# 1. the held-out set
+
+
+@dataclass
+class HeldOut:
+    """Held-out pairs with their teacher outputs and the teacher's mean pooled output, computed once; and the
+    teacher's outputs on the empty prompt, which classifier-free guidance encodes through the refiner's
+    ``text_encoder_2`` (its ``force_zeros_for_empty_prompt`` is false): the student must match it too."""
+
+    ja: list[str]
+    en: list[str]
+    teacher: Outputs
+    teacher_mean: torch.Tensor
+    teacher_empty: Outputs | None = None
+
+    @classmethod
+    def build(cls, teachers: "Teachers", pairs, reference_english) -> "HeldOut":
+        return cls([p[0] for p in pairs], [p[1] for p in pairs], teachers.encode([p[1] for p in pairs]),
+                   teachers.encode(list(reference_english)).pooled.mean(0), teachers.encode([""]))
+
+    def measure(self, students: "Students") -> dict:
+        was_training = students.training
+        students.eval()
+        texts = self.ja + ([""] if self.teacher_empty is not None else [])
+        out = encode(students.text_encoder, students.text_encoder_2, students.tokenizer, students.tokenizer_2, texts)
+        students.train(was_training)
+        n = len(self.ja)
+        metrics = held_out_metrics(out[:n], self.teacher, self.teacher_mean)
+        if self.teacher_empty is not None:  # summed MSE of the three targets on "", as the held-out loss is
+            metrics["empty_prompt_loss"] = float(sum(loss_terms(out[n:], self.teacher_empty).values()))
+        return metrics
+
+    def subset(self, n: int) -> "HeldOut":
+        """The first ``n`` held-out pairs (all of them if there are fewer): cheaper evaluations, the same teacher
+        mean, for runs that evaluate often."""
+        if n >= len(self.ja):
+            return self
+        return HeldOut(self.ja[:n], self.en[:n], self.teacher[:n], self.teacher_mean, self.teacher_empty)
+
+
+# -----------------------------------------------------------------------------
+# 2. students and teachers
+
+
+class Students(torch.nn.Module):
+    """Both Japanese encoders as one module: one optimiser, one DDP wrapper, one checkpoint."""
+
+    def __init__(self, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2  # plain attributes: not parameters
+
+    def forward(self, ids_1, ids_2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = forward(self.text_encoder, self.text_encoder_2, ids_1, ids_2)
+        return out.h1, out.h2, out.pooled  # tensors, so that DDP and autocast see them
+
+    def freeze_unread(self) -> None:
+        """SDXL reads ``text_encoder``'s penultimate layer only: its last layer and final norm reach no target, so
+        they get no gradient (and DDP refuses parameters that never get one). They stay the teacher's."""
+        model = self.text_encoder  # transformers 5: the text transformer's parts sit on the model itself
+        model.encoder.layers[-1].requires_grad_(False)
+        model.final_layer_norm.requires_grad_(False)
+
+    def embeddings(self) -> list[torch.nn.Parameter]:
+        return [self.text_encoder.get_input_embeddings().weight, self.text_encoder_2.get_input_embeddings().weight]
+
+
+@dataclass
+class Teachers:
+    """The frozen English encoders and SDXL's tokenizers. With ``cache``, each sentence's outputs are computed once
+    and kept (float16, on the CPU): for small data, many runs share them; for large data, leave it off."""
+
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    tokenizer: object
+    tokenizer_2: object
+    cache: dict | None = None
+    _ids: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        for te in (self.text_encoder, self.text_encoder_2):
+            te.requires_grad_(False).eval()
+
+    def encode(self, sentences: list[str]) -> Outputs:
+        return encode(self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2, sentences)
+
+    def token_ids(self, tokenizer) -> TokenIds:
+        """``TokenIds`` for ``tokenizer`` (the teachers' own or a student's), memoised along with the outputs when
+        caching: small data brings the same sentences back in every epoch and every run of a comparison."""
+        if tokenizer not in self._ids:
+            self._ids[tokenizer] = TokenIds(tokenizer, memo=self.cache is not None)
+        return self._ids[tokenizer]
+
+    @torch.no_grad()  # not inference_mode: the targets enter the loss's autograd graph
+    def targets(self, sentences: list[str], device, n: int = 77) -> Outputs:
+        """The teachers' outputs for ``sentences`` through position ``n``: a causal encoder's first ``n`` outputs
+        do not depend on what follows, so a batch the students compute through ``n`` positions needs no more (the
+        pooled output reads the EOS position, which the trainer keeps inside ``n``). Cached, each sentence keeps the
+        longest prefix computed so far and is computed again only when a batch asks for more."""
+        if self.cache is None:
+            ids = (token_ids(self.tokenizer, sentences)[:, :n], token_ids(self.tokenizer_2, sentences)[:, :n])
+            return forward(self.text_encoder, self.text_encoder_2, *ids).to(device, torch.float32)
+        short = list(dict.fromkeys(s for s in sentences if s not in self.cache or len(self.cache[s].h1) < n))
+        if short:
+            ids = (self.token_ids(self.tokenizer)(short)[:, :n], self.token_ids(self.tokenizer_2)(short)[:, :n])
+            out = forward(self.text_encoder, self.text_encoder_2, *ids).to(torch.float16)
+            for i, s in enumerate(short):
+                self.cache[s] = out[i]
+        rows = [self.cache[s] for s in sentences]
+        return Outputs(torch.stack([r.h1[:n] for r in rows]), torch.stack([r.h2[:n] for r in rows]),
+                       torch.stack([r.pooled for r in rows])).to(device, torch.float32)
+
+
+def load_teachers(profile, cache: bool | None = None) -> Teachers:
+    """The profile's English text encoders and tokenizers (``encoders.load_english``: no UNet, no VAE) as frozen
+    teachers; with ``cache`` (default: ``distill.cache_teacher``) each sentence's outputs are kept once computed."""
+    from .encoders import load_english
+
+    use_cache = profile.distill.cache_teacher if cache is None else cache
+    return Teachers(*load_english(profile), {} if use_cache else None)
+
+
+def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "similarity", mapping=None,
+                  causal: bool = True, seed: int = 0, dtype: torch.dtype | None = torch.float32,
+                  **options) -> Students:
+    """Japanese copies of both teachers, their rows started by a stage-2 ``strategy``: in float32 for training, or
+    with ``dtype=None`` in the teachers' own dtype (stage 4's untrained copies: at SDXL's shapes a float32 pair
+    would be 3 GB more, built only to be cast down).
+
+    ``mapping`` (stage 2's ``mapping.pt``, via ``embedding_init.load_mapping``) is needed by every strategy but
+    ``mean`` and ``random``. ``causal=False`` gives a non-causal student: transformers 5 keeps a CLIP text model
+    causal under SDPA even with ``config.is_causal=False`` (it passes ``is_causal=True`` to the kernel), so the
+    student also switches to eager attention, which honours the mask alone.
+    """
+    from .embedding_init import initial_rows, needs_mapping
+    from .encoders import japanese_copy
+
+    if mapping is None and needs_mapping(strategy):
+        raise ValueError(f"init strategy {strategy!r} needs stage 2's mapping: run notebook 02 (it writes "
+                         f"runs/<profile>/02_embedding_init/mapping.pt), or use strategy 'mean' or 'random'.")
+    copies = []
+    for teacher, tok, teacher_tok in ((teachers.text_encoder, tokenizer, teachers.tokenizer),
+                                      (teachers.text_encoder_2, tokenizer_2, teachers.tokenizer_2)):
+        rows = initial_rows(strategy, mapping, teacher.get_input_embeddings().weight, len(tok), seed=seed, **options)
+        student = japanese_copy(teacher, tok, teacher_tok, rows=rows, dtype=dtype)
+        if not causal:
+            student.config.is_causal = False
+            student.set_attn_implementation("eager")
+        copies.append(student.train())
+    return Students(copies[0], copies[1], tokenizer, tokenizer_2)
+
+
+# -----------------------------------------------------------------------------
+# 3. batches
+
+
+def batches(stream, global_batch: int, rank: int, world: int, streamed: bool):
+    """This process's share of each optimiser step's batch. A list corpus: every process walks the same global
+    sequence and takes its slice, so N processes see exactly what one process with the same global batch sees.
+    A streamed corpus is already sharded per process (``StreamedSplit.sharded``): it takes local batches."""
+    local = global_batch // world
+    while True:
+        if streamed:
+            batch = list(islice(stream, local))
+        else:
+            batch = list(islice(stream, global_batch))[rank * local:(rank + 1) * local]
+        if len(batch) < local:
+            return
+        yield batch
+
+
+# -----------------------------------------------------------------------------
+# 4. checkpoints
+
+
+_CKPT = re.compile(r"step-(\d{7})")
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    """The complete checkpoints under ``folder/checkpoints``, newest first (a checkpoint appears only once complete)."""
+    root = Path(folder) / "checkpoints"
+    found = [p for p in root.glob("step-*") if _CKPT.fullmatch(p.name) and (p / "trainer_state.json").exists()]
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``folder/checkpoints``, or None."""
+    found = checkpoints(folder)
+    return found[0] if found else None
+
+
+def _damage(ckpt: Path, state: dict) -> str | None:
+    """What is wrong with a checkpoint's files, or None: each file has the size recorded when it was written (a cut
+    copy or a full disk shows here), and the RNG states load as plain tensors (accelerate would skip a bad one
+    silently, and the resumed run would quietly draw other data)."""
+    for name, size in state.get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size if path.is_file() else 'missing'} bytes of {size:,}"
+    from accelerate.utils import load  # torch.load, weights_only, plus the numpy types an RNG state holds
+
+    for rng in ckpt.glob("random_states_*.pkl"):
+        try:
+            load(rng)
+        except Exception as e:  # noqa: BLE001 - any failure means the state cannot be restored
+            return f"{rng.name} does not load as plain tensors ({type(e).__name__})"
+    return None
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stopped; the last good checkpoint is kept."""
+
+
+# -----------------------------------------------------------------------------
+# 5. the trainer
+
+
+@dataclass
+class Run:
+    """What a training run leaves: the trained students and what happened on the way."""
+
+    students: Students | None  # None for ``compare``'s runs: their students are freed
+    log: list[dict]  # one row per logged step: train loss terms, lr and (every eval_every) held-out metrics
+    before: dict  # held-out metrics at step 0
+    after: dict  # held-out metrics at the last step
+    steps: int
+    seconds: float  # training time in this process (without the held-out evaluations)
+    samples_per_second: float
+    peak_memory_gb: float | None  # CUDA peak allocated memory (None on a CPU)
+    bad_lines: str  # the data report: bad lines met, with their numbers
+    resumed_from: int | None = None
+    folder: Path | None = None
+    mixed_precision: str = "no"  # what ran: the profile's, or an accelerate launch config's
+
+
+def _optimizer(students: Students, cfg, device):
+    """AdamW with two groups: embedding rows (``embedding_lr``, no weight decay) and the rest."""
+    emb = {id(p) for p in students.embeddings()}
+    params = [p for p in students.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in emb], "lr": cfg.embedding_lr or cfg.lr, "weight_decay": 0.0},
+              {"params": [p for p in params if id(p) not in emb], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError("distill.optimizer = 'adamw8bit' needs bitsandbytes (a CUDA GPU): "
+                                      "pip install bitsandbytes, or use optimizer = 'adamw'") from None
+        return bnb.optim.AdamW8bit(groups)
+    # fused: one kernel for all parameters on CUDA; foreach elsewhere (torch picks foreach only for CUDA tensors on
+    # its own, and the per-tensor loop it falls back to on a CPU took a tenth of tiny's training time)
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(groups, fused=cuda or None, foreach=None if cuda else True)
+
+
+def _scheduler(optimizer, cfg):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+
+
+def _precision(profile_precision: str) -> str:
+    """The precision to run: an ``accelerate launch`` config or flag (which sets ``ACCELERATE_MIXED_PRECISION``)
+    wins over the profile, and a difference is said, not silently applied either way."""
+    import os
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched and launched != profile_precision:
+        print(f"mixed precision: {launched}, from accelerate launch (the profile says {profile_precision!r}; give "
+              f"launch --mixed_precision {profile_precision} to run the profile's)")
+        return launched
+    return profile_precision
+
+
+def _accelerator(mixed_precision: str):
+    """accelerate keeps one global state per process; a notebook comparing runs with different precisions in one
+    kernel needs it reset between them (only ever in a single process: a launched job has one precision)."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        AcceleratorState._reset_state()
+    # cpu=True without CUDA: several launched CPU processes then form a gloo group (accelerate's MULTI_CPU)
+    # instead of each training alone
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def _write_log(folder: Path, log: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in log for k in row))
+    with atomic_path(folder / "log.csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, keys)
+            writer.writeheader()
+            writer.writerows(log)
+
+
+def _prepare_students(students: Students, cfg) -> None:
+    """What trains and how: the unread layers frozen, only the rows on ``train = "embeddings"``, and activation
+    checkpointing (recompute in the backward pass instead of storing: the small-card setting)."""
+    students.freeze_unread()
+    if cfg.train == "embeddings":  # small cards: only the rows learn; the transformer stays the teacher's
+        students.requires_grad_(False)
+        for p in students.embeddings():
+            p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        for te in (students.text_encoder, students.text_encoder_2):
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int,
+            resume: bool = True) -> tuple[int, list[dict], int | None]:
+    """(step, log, resumed_from) from the newest readable checkpoint in ``folder``, or a fresh start. accelerate's
+    ``load_state`` restores model, optimiser and every RNG (tensors only: ``weights_only`` loading), the scheduler
+    comes back from JSON: together they make a resumed run bit-exact, and nothing in a checkpoint can run code.
+    A damaged checkpoint (cut short, a file missing) is passed over for the next older one, and the run says so.
+    ``resume=False``: a fresh start, and the folder's old checkpoints are deleted (a fresh run must never keep, or
+    later resume into, another run's checkpoints)."""
+    if folder and not resume and accelerator.is_main_process:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    found = checkpoints(folder) if folder and resume else []
+    passed_over = []
+    for ckpt in found:
+        state, problem = _checked_state(ckpt, cfg, seed)
+        problem = problem or _damage(ckpt, state)
+        if problem is None:
+            try:
+                accelerator.load_state(str(ckpt))
+            except Exception as e:  # noqa: BLE001 - unreadable in some other way: try the next older one
+                problem = f"{type(e).__name__}: {str(e)[:120]}"
+        if problem is None:
+            if passed_over:
+                print(f"resuming from {ckpt.name}; passed over {'; '.join(passed_over)}", file=sys.stderr)
+            scheduler.load_state_dict(state["scheduler"])
+            return state["step"], state["log"], state["step"]
+        passed_over.append(f"{ckpt.name} ({problem})")
+    if passed_over:
+        raise ValueError(f"no checkpoint in {folder / 'checkpoints'} can be read: {'; '.join(passed_over)}. Start "
+                         f"fresh (--fresh, or resume=False).")
+    return 0, [], None
+
+
+def _checked_state(ckpt: Path, cfg, seed: int) -> tuple[dict, str | None]:
+    """(trainer_state.json, None), or ({}, what is wrong) if it is unreadable; after the refusals that no older
+    checkpoint would answer: pickled state (loading it could run code), settings that differ from the profile's."""
+    pickles = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
+    if pickles:  # accelerate would unpickle these with weights_only=False, i.e. run whatever they hold
+        raise ValueError(f"{ckpt} holds {', '.join(pickles)}: pickled state this trainer never writes (loading it "
+                         f"could run code). Start fresh (--fresh, or resume=False), or delete {ckpt.parent}.")
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return {}, f"trainer_state.json unreadable: {type(e).__name__}"
+    if "scheduler" not in state:
+        raise ValueError(f"{ckpt} was written without its scheduler state (by an older jpsdxl): start fresh "
+                         f"(--fresh, or resume=False).")
+    saved = state["settings"]  # present in every checkpoint that has the scheduler's JSON (checked above)
+    differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in _fixed_settings(cfg, seed).items() if saved.get(k) != v]
+    if differ:  # the optimiser and schedule in the checkpoint were made for the old values: refuse, do not mix
+        raise ValueError(f"{ckpt} was written with other settings ({'; '.join(differ)}). Resume with the same "
+                         f"settings, or start fresh (--fresh, or resume=False).")
+    return state, None
+
+
+# what a checkpoint's optimiser, schedule and data position were made for: a resumed run must not change them
+_FIXED = ("batch_size", "steps", "lr", "embedding_lr", "schedule", "warmup_steps", "weight_decay", "loss_weights")
+
+
+def _fixed_settings(cfg, seed: int) -> dict:
+    return {"seed": seed, **{k: getattr(cfg, k) for k in _FIXED}}
+
+
+def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: int, cfg, seed: int,
+                     log: list[dict]) -> None:
+    """``folder/checkpoints/step-NNNNNNN`` via accelerate's ``save_state``, written under a temporary name and
+    renamed only once complete (an atomic write: a reader never sees half a checkpoint); older ones pruned."""
+    if folder is None:
+        return
+    if not all(torch.isfinite(p).all() for p in model.parameters()):  # only finite weights are a good checkpoint
+        raise NonFiniteLoss(f"the weights are no longer finite at step {step}: no checkpoint written. Lower "
+                            f"distill.lr, then start over: jpsdxl distill --fresh (resume=False).")
+    dest = folder / "checkpoints" / f"step-{step:07d}"
+    tmp = dest.with_name(f".{dest.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json(tmp / "trainer_state.json", {"step": step, "pairs_seen": step * cfg.batch_size, "log": log,
+                                                 "scheduler": scheduler.state_dict(),  # JSON: no pickle
+                                                 "settings": _fixed_settings(cfg, seed),
+                                                 "files": files})  # sizes: a cut file is noticed on resume
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        for old in sorted(p for p in dest.parent.glob("step-*") if _CKPT.fullmatch(p.name))[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        _write_log(folder, log)
+    accelerator.wait_for_everyone()
+
+
+def _loss_positions(accelerator, students: Students, teachers: Teachers, ids_1, en_ids, cfg):
+    """(n, masks): how many of the 77 positions this batch computes, and which of them the loss reads.
+
+    With ``pad_positions``, a causal student stops after the batch's last EOS (either language) + n pads: the outputs
+    there are exactly the 77-position ones. ``n`` is one length for the whole global batch (a max over processes
+    with ``gather``), so the loss is the mean over the same positions one process with the whole batch would take.
+    """
+    trim = cfg.pad_positions is not None and cfg.causal  # a non-causal student's every output reads all 77
+    n, masks = ids_1.shape[1], None
+    if not (trim or cfg.positions == "after_eos"):
+        return n, masks
+    eos = (ids_1, en_ids, students.tokenizer.eos_token_id, teachers.tokenizer.eos_token_id)
+    if trim:
+        n = positions_needed(*eos, cfg.pad_positions)
+        if accelerator.num_processes > 1:
+            n = int(accelerator.gather(torch.tensor([n], device=accelerator.device)).max())
+    if cfg.positions == "after_eos":
+        masks = after_both_eos(*eos)[:, :n]
+    return n, masks
+
+
+def _forward_backward(accelerator, model, students: Students, teachers: Teachers, batch: list, cfg,
+                      ids: tuple) -> torch.Tensor:
+    """One optimiser step's forward and backward passes over this process's ``batch``, in ``grad_accum``
+    micro-batches (gradients add up; DDP syncs only on the last one). ``ids``: ``TokenIds`` for the students' two
+    tokenizers and the teacher's. Returns the loss terms, averaged over processes."""
+    micro = len(batch) // cfg.grad_accum
+    ja, en = [p[0] for p in batch], [p[1] for p in batch]
+    ids_1, ids_2 = ids[0](ja), ids[1](ja)
+    n, masks = _loss_positions(accelerator, students, teachers, ids_1, ids[2](en), cfg)
+    totals = dict.fromkeys(TARGETS, 0.0)
+    for m in range(cfg.grad_accum):
+        part = slice(m * micro, (m + 1) * micro)
+        target = teachers.targets(en[part], accelerator.device, n)
+        mask = masks[part].to(accelerator.device) if masks is not None else None
+        sync = nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            h1, h2, pooled = model(ids_1[part, :n], ids_2[part, :n])
+            terms = loss_terms(Outputs(h1, h2, pooled), target, mask)
+            loss = weighted_loss(terms, cfg.loss_weights) / cfg.grad_accum
+        accelerator.backward(loss)
+        for t in TARGETS:
+            totals[t] += float(terms[t].detach()) / cfg.grad_accum
+    return accelerator.reduce(torch.tensor([totals[t] for t in TARGETS], device=accelerator.device), "mean")
+
+
+def _non_finite(reduced: torch.Tensor, norm, step: int, folder: Path | None, precision: str) -> NonFiniteLoss:
+    last = latest_checkpoint(folder) if folder else None
+    # bf16 keeps fp32's range; only suggest it where the card has it (a T4, sm75, has not)
+    bf16 = precision == "fp16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return NonFiniteLoss(
+        f"the training loss became {reduced.sum().item()} (gradient norm {float(norm)}) at step {step + 1}: training "
+        f"stopped before the step was taken. "
+        + (f"The last checkpoint, with finite weights, is kept: {last} (resumed with the same settings, it would "
+           f"likely diverge again). " if last else "No checkpoint was written yet. ")
+        + "Lower distill.lr (or embedding_lr), add warmup_steps or lower distill.loss_weights"
+        + (", or use mixed_precision = 'bf16' instead of 'fp16'" if bf16 else "")
+        + "; then start over: jpsdxl distill --fresh (resume=False).")
+
+
+def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg, seed: int = 0,
+          folder: str | Path | None = None, resume: bool = True, progress: bool = True, stop_after: int | None = None,
+          log_every: int = 10) -> Run:
+    """Distil ``teachers`` into ``students`` for ``cfg.steps`` optimiser steps on ``pairs`` (a
+    ``data.TrainingPairs``; ``cfg``: a profile's ``distill`` section).
+
+    With ``folder``, checkpoints go to ``folder/checkpoints/step-NNNNNNN`` every ``checkpoint_every`` steps and at
+    the end (model, optimiser, scheduler, RNG states, data position: a killed run, started again with
+    ``resume=True``, continues from the newest one and reaches the same weights), and ``log.csv`` holds the log.
+    ``stop_after``: leave after that many steps, as a killed run would (for tests and demonstrations).
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = _accelerator(_precision(cfg.mixed_precision))
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"distill.batch_size = {cfg.batch_size} must split evenly over {world} process(es) x "
+                         f"{cfg.grad_accum} accumulation step(s)")
+    set_seed(seed)
+    _prepare_students(students, cfg)
+    students.to(device)
+    optimizer = _optimizer(students, cfg, device)
+    scheduler = _scheduler(optimizer, cfg)
+    model, optimizer = accelerator.prepare(students, optimizer)  # the scheduler is checkpointed as JSON, by us
+    folder = Path(folder) if folder else None
+    step, log, resumed_from = _resume(accelerator, scheduler, folder, cfg, seed, resume)
+    before = log[0] if log else {"step": 0, **{f"eval_{k}": v for k, v in held_out.measure(students).items()}}
+    if not log:
+        log.append(before)
+
+    # the data position is part of the state: a resumed run skips exactly the pairs it has seen
+    start = step * cfg.batch_size // (world if pairs.streamed else 1)
+    stream = pairs.stream(start, rank, world)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    # at most one refresh a second: in a notebook every refresh is a widget message, and a long cell's burst of
+    # them can overflow the kernel's message queue (nbval then misses the end of the cell)
+    bar = tqdm(total=cfg.steps, initial=step, desc="distillation", mininterval=1.0,
+               disable=not progress or not accelerator.is_main_process)
+    started, first_step, evaluating = time.perf_counter(), step, 0.0
+    ids = tuple(teachers.token_ids(t) for t in (students.tokenizer, students.tokenizer_2, teachers.tokenizer))
+    model.train()
+    for batch in batches(stream, cfg.batch_size, rank, world, pairs.streamed):
+        if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
+            break
+        reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg, ids)
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not (torch.isfinite(reduced).all() and torch.isfinite(norm)):  # a weighted term or a gradient overflowed
+            raise _non_finite(reduced, norm, step, folder, accelerator.mixed_precision)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update()
+        row, seconds = _log_row(step, scheduler.get_last_lr()[-1], reduced, held_out, students, cfg)
+        evaluating += seconds  # held-out evaluations are not training time: kept out of the rate
+        if "eval_loss" in row:
+            bar.set_postfix(loss=f"{row['eval_loss']:.4f}", top1=f"{row['eval_pool100_top1']:.1%}")
+        if step % log_every == 0 or "eval_loss" in row:
+            log.append(row)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save_checkpoint(accelerator, model, scheduler, folder, step, cfg, seed, log)
+    bar.close()
+    seconds = time.perf_counter() - started - evaluating
+    after = next((r for r in reversed(log) if "eval_loss" in r), before)
+    return Run(students=accelerator.unwrap_model(model), log=log, before=_eval_part(before), after=_eval_part(after),
+               steps=step, seconds=seconds,
+               samples_per_second=(step - first_step) * cfg.batch_size / seconds if seconds > 0 else float("nan"),
+               peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+               bad_lines=str(pairs.report), resumed_from=resumed_from, folder=folder,
+               mixed_precision=accelerator.mixed_precision)
+
+
+def _log_row(step: int, lr: float, reduced: torch.Tensor, held_out: HeldOut, students: Students, cfg):
+    """(row, seconds): an optimiser step's log row, with the held-out metrics every ``eval_every`` steps and at the
+    last, and the seconds that evaluation took."""
+    row = {"step": step, "lr": lr, **{f"train_{t}": round(float(v), 6) for t, v in zip(TARGETS, reduced)}}
+    if step % cfg.eval_every and step != cfg.steps:
+        return row, 0.0
+    t0 = time.perf_counter()
+    row.update({f"eval_{k}": v for k, v in held_out.measure(students).items()})
+    return row, time.perf_counter() - t0
+
+
+def _eval_part(row: dict) -> dict:
+    return {k.removeprefix("eval_"): v for k, v in row.items() if k.startswith("eval_")}
+
+
+# -----------------------------------------------------------------------------
+# 6. the stage as one call
+
+
+@dataclass
+class Setup:
+    """Everything a stage-3 run reads, loaded once: data splits, the extra pairs mixed into training (the shapes
+    world's training captions), Japanese tokenizers, teachers, held-out set, and stage 2's mapping (None if stage 2
+    has not run: only the ``mean`` and ``random`` starts work without it)."""
+
+    profile: object
+    splits: object
+    extra_pairs: list
+    tokenizer: object
+    tokenizer_2: object
+    teachers: Teachers
+    held_out: HeldOut
+    mapping: object = None
+
+    def pairs(self, share: float, empty_share: float = 0.0, seed: int | None = None) -> TrainingPairs:
+        """The training stream: the training split with ``share`` of the items drawn from ``extra_pairs`` and
+        ``empty_share`` of them the empty pair, in the order ``seed`` (default: the profile's) draws."""
+        return TrainingPairs(self.splits.train, self.extra_pairs, share,
+                             self.profile.seed if seed is None else seed, self.splits.report, empty_share)
+
+
+def prepare(profile, reference_sentences: int = 5000) -> Setup:
+    """Load what ``distil`` needs for ``profile``: the held-out set is ``distill.eval_pairs`` test pairs, the
+    teacher's mean output is taken over ``reference_sentences`` randomly drawn training sentences (5,000: a few
+    seconds on ``tiny``, a minute of a GPU on SDXL's encoders, far longer on a CPU), and the extra pairs are the shapes
+    world's *training* captions (its held-out combinations and phrasings stay out: stage 4 tests on them)."""
+    from .data import DataError, japanese_side, load_pairs, sample, take
+    from .embedding_init import stage_mapping
+    from .shapes.world import caption_pairs
+    from .tokenization import japanese_tokenizers
+
+    splits = load_pairs(profile)
+    held_out_pairs = take(splits.test, profile.distill.eval_pairs)
+    if len(held_out_pairs) < 2:  # the held-out metrics compare pairs with each other: two at least
+        raise DataError(f"{profile.data.pairs}: the held-out split has {len(held_out_pairs)} pair(s) "
+                        f"(data.test_fraction = {profile.data.test_fraction}): raise data.test_fraction, or give "
+                        f"more pairs.")
+    tok, tok_2 = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
+    teachers = load_teachers(profile)
+    reference = [en for _, en in sample(splits.train, reference_sentences, profile.seed)]
+    held_out = HeldOut.build(teachers, held_out_pairs, reference)
+    return Setup(profile, splits, caption_pairs("train"), tok, tok_2, teachers, held_out,
+                 stage_mapping(profile, required=False))
+
+
+def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, progress: bool = True,
+           stop_after: int | None = None, seed: int | None = None, **overrides) -> Run:
+    """One training run on ``setup``: the profile's ``[distill]`` settings, with any of them overridden by keyword
+    (``init="mean"``, ``steps=150``, ``causal=False``, ...). ``seed`` (default: the profile's) sets the random
+    starting rows, the data order and every other draw of the run."""
+    import dataclasses
+
+    from accelerate import PartialState
+
+    from .core.runs import exclusive, require
+    from .embedding_init import needs_mapping
+
+    p = setup.profile
+    seed = p.seed if seed is None else seed
+    cfg = dataclasses.replace(p.distill, **overrides)
+    strategy = cfg.init or p.init.strategy
+    if setup.mapping is None and needs_mapping(strategy):
+        require(p, "init", "mapping.pt")  # raises: says to run `jpsdxl init`
+    students = make_students(setup.teachers, setup.tokenizer, setup.tokenizer_2, strategy, setup.mapping,
+                             causal=cfg.causal, seed=seed, top_k=p.init.top_k, temperature=p.init.temperature,
+                             threshold=p.init.threshold)
+    pairs = setup.pairs(cfg.shapes_share, cfg.empty_share, seed)
+    # one run per folder: a second one would share its checkpoints' temporary names and prune the first's
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the trainer's Accelerator sees it
+    lock = exclusive(folder, "--out") if folder is not None and main else nullcontext()
+    with lock:
+        return train(setup.teachers, students, pairs, setup.held_out, cfg, seed=seed, folder=folder,
+                     resume=resume, progress=progress, stop_after=stop_after)
+
+
+def run(profile, out: str | Path | None = None, resume: bool = True, progress: bool = True, **overrides) -> Run:
+    """Stage 3 (``jpsdxl distill``): train on the profile's data from stage 2's starting rows, resuming from the
+    newest checkpoint in ``out`` (default ``runs/<profile>/03_distillation``) unless ``resume=False``, and save
+    the students there as diffusers components (main process only, under ``accelerate launch``)."""
+    from accelerate import PartialState
+
+    from .core.runs import ensure_writable, require, stage_dir
+    from .embedding_init import needs_mapping
+
+    if needs_mapping(overrides.get("init") or profile.distill.init or profile.init.strategy):
+        require(profile, "init", "mapping.pt")  # before anything loads: says to run `jpsdxl init`
+    out = ensure_writable(Path(out).resolve() if out else stage_dir(profile, "distill"), "--out")
+    result = distil(prepare(profile), out, resume=resume, progress=progress, **overrides)
+    if PartialState().is_main_process:
+        save_students(result.students, out)
+    return result
+
+
+SUMMARY_KEYS = ("loss", "mse_h1", "mse_h2", "mse_pooled", "centred_cos_matched", "centred_cos_mismatched",
+                "pool100_top1")
+
+
+def summary(run: Run | list[Run]) -> dict:
+    """The numbers a notebook table or metrics.json shows for a run: held-out metrics before and after. For the runs
+    of one variant over several seeds (``compare``): their means, the seed count, and each metric's ``[min, max]``
+    over the seeds under ``spread``."""
+    if isinstance(run, list):
+        each = [summary(r) for r in run]
+        numbers = [k for k, v in each[0].items() if isinstance(v, (int, float))]
+        mean = {k: round(sum(e[k] for e in each) / len(each), 4) for k in numbers}
+        spread = {k: [min(e[k] for e in each), max(e[k] for e in each)] for k in numbers if k.endswith(("_before", "_after"))}
+        return {**mean, "seeds": len(each), "spread": spread}
+    return {"steps": run.steps, **{f"{k}_before": round(run.before[k], 4) for k in SUMMARY_KEYS},
+            **{f"{k}_after": round(run.after[k], 4) for k in SUMMARY_KEYS}, "pool_chance": run.after["pool_chance"],
+            "samples_per_second": round(run.samples_per_second, 1), "seconds": round(run.seconds, 1)}
+
+
+def compare(setup: Setup, variants: dict[str, dict], steps: int, seeds: int | None = None, points: int = 4,
+            progress: bool = True) -> dict[str, list[Run]]:
+    """Runs that differ only in one thing: for each variant (its keyword overrides), one run per seed, all with the
+    same budget and held-out set. ``seeds`` runs per variant (default: ``distill.compare_seeds``), seeded from the
+    profile's seed up: the random starting rows and the data order change with the seed, so the spread over seeds
+    shows how much of a difference between variants is luck.
+
+    Each run is evaluated ``points`` times along the way (and at step 0), on the first ``distill.compare_eval_pairs``
+    held-out pairs (cheaper evaluations, often enough to draw a curve). The warm-up is scaled to the budget (the same
+    share of it as in the profile's run), so a short run is not mostly warm-up. The runs keep their logs and metrics,
+    not their students (freed as each run ends)."""
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    p, cfg = setup.profile, setup.profile.distill
+    on = dataclasses.replace(setup, held_out=setup.held_out.subset(cfg.compare_eval_pairs or cfg.eval_pairs))
+    common = {"steps": steps, "warmup_steps": round(cfg.warmup_steps * steps / cfg.steps),
+              "eval_every": max(1, steps // points)}
+    todo = [(name, seed) for name in variants for seed in range(p.seed, p.seed + (seeds or cfg.compare_seeds))]
+    runs = {name: [] for name in variants}
+    for name, seed in tqdm(todo, desc="runs", disable=not progress):
+        run = distil(on, progress=False, seed=seed, **(common | variants[name]))
+        run.students = None  # only the numbers are compared: never hold every run's students at once
+        runs[name].append(run)
+    return runs
+
+
+# -----------------------------------------------------------------------------
+# 7. the students as diffusers components
+
+
+def save_students(students: Students, folder: str | Path) -> Path:
+    """``folder/{text_encoder,text_encoder_2,tokenizer,tokenizer_2}``: what stage 4 puts into the pipelines, each
+    loadable with ``from_pretrained`` (safetensors), each written atomically."""
+    folder = Path(folder)
+    from .core.runs import quiet_hf_progress
+
+    for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        with atomic_path(folder / name) as tmp, quiet_hf_progress():
+            getattr(students, name).save_pretrained(tmp)
+    return folder

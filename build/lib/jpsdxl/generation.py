@@ -1,0 +1,145 @@
+"""Stage 4: two-stage SDXL generation, base then refiner, with a latent hand-off.
+
+The base denoises the first ``high_noise_frac`` of the schedule (``denoising_end``) and returns *latents*; the
+refiner picks them up at the same point (``denoising_start``) and finishes, then decodes with the VAE. The base
+reads both text encoders (their penultimate hidden states concatenated, plus text_encoder_2's pooled
+projection); the refiner reads text_encoder_2 only, so it shares that encoder (and tokenizer_2, and the VAE)
+with the base. Swapping in Japanese encoders and tokenizers is a keyword argument to ``load_pipelines``.
+
+This file does not train or build models (``core/models.py`` finds them) and does not assemble the Japanese
+model's folders (``assembly.py``); what the notebooks measure about generation is ``notebook/measure.py``.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from .core.models import resolve_profile
+from .core.runs import quiet_hf_progress
+
+
+def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                   progress: bool = False):
+    """(base, refiner) pipelines for ``profile``, optionally with replacement encoders/tokenizers.
+
+    Replacement encoders are cast to the profile's dtype (in place, as ``nn.Module.to`` does) and shared by both
+    pipelines: the refiner gets the base's ``text_encoder_2``, ``tokenizer_2`` and VAE. Hub pipelines are fetched
+    and loaded in the profile's weights variant (``models.variant``, e.g. fp16), and nothing else.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    profile.check_device()  # before anything large is built or downloaded
+    dtype, device, m = profile.torch_dtype(), profile.torch_device(), profile.models
+    swap = {k: v for k, v in dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                  tokenizer_2=tokenizer_2).items() if v is not None}
+    swap = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in swap.items()}
+    # resolve everything first: offline, one message names every missing model before anything loads
+    folders = resolve_profile(profile)
+    with quiet_hf_progress(progress):  # loading bars are noise in notebooks; keep them for big models
+        if "VAE" in folders:
+            swap["vae"] = AutoencoderKL.from_pretrained(folders["VAE"], dtype=dtype)
+        variant = {"variant": m.variant} if m.variant else {}
+        base = StableDiffusionXLPipeline.from_pretrained(folders["SDXL base"], dtype=dtype, **variant, **swap)
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            folders["SDXL refiner"], dtype=dtype, **variant,
+            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae)
+    for pipe in (base, refiner):
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=not progress)
+    return base, refiner
+
+
+def with_text_parts(pipelines, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
+    """New (base, refiner) that share ``pipelines``' UNets, VAE and scheduler and read prompts through the given
+    encoders and tokenizers (cast to the pipelines' dtype and device): a model to compare costs its text parts only."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base, refiner = pipelines
+    te1, te2 = (te.to(base.unet.device, base.unet.dtype) for te in (text_encoder, text_encoder_2))
+    new_base = StableDiffusionXLPipeline(**_settings(base), **{**base.components, "text_encoder": te1,
+                                         "text_encoder_2": te2, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2})
+    new_refiner = StableDiffusionXLImg2ImgPipeline(**_settings(refiner), **{**refiner.components,
+                                                   "text_encoder_2": te2, "tokenizer_2": tokenizer_2})
+    for pipe in (new_base, new_refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return new_base, new_refiner
+
+
+def _settings(pipe) -> dict:
+    """A pipeline's own settings (the refiner's ``requires_aesthetics_score``, ``force_zeros_for_empty_prompt``):
+    the arguments of its constructor that are not components, as its config recorded them."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__init__).parameters
+    return {k: pipe.config[k] for k in params if k in pipe.config and k not in pipe.components}
+
+
+@torch.no_grad()
+def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidance_scale: float,
+              high_noise_frac: float, height: int, width: int, seed: int = 0, output_type: str = "pil"):
+    """Base until ``high_noise_frac`` of the schedule, hand the latents over, refiner to the end.
+
+    Returns the refiner's images (PIL by default) and the hand-off latents.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    make = lambda: _generators(prompts, seed)  # noqa: E731
+    latents = base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, denoising_end=high_noise_frac, height=height, width=width,
+                   generator=make(), output_type="latent").images
+    images = refiner(prompt=prompts, negative_prompt=negative_prompt, image=latents, num_inference_steps=steps,
+                     guidance_scale=guidance_scale, denoising_start=high_noise_frac, generator=make(),
+                     output_type=output_type).images
+    return images, latents
+
+
+def _generators(prompts, seed: int):
+    # one generator per prompt, all from the same seed: prompt i's noise does not depend on the batch
+    return [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts]
+
+
+@torch.no_grad()
+def base_only(base, prompt, negative_prompt=None, *, steps: int, guidance_scale: float, height: int, width: int,
+              seed: int = 0, output_type: str = "pil"):
+    """The base alone over the whole schedule, decoded: set against ``two_stage`` it shows what the refiner adds."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
+                guidance_scale=guidance_scale, height=height, width=width, generator=_generators(prompts, seed),
+                output_type=output_type).images
+
+
+def batched(items, size: int) -> list[list]:
+    """``items`` in runs of at most ``size`` (``generate.batch_size``): each image's noise comes from its own
+    generator, so the images are the same whatever the batch, and the memory is bounded by it."""
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def generate(profile, base, refiner, prompt, refine: bool = True, **overrides):
+    """``two_stage`` with the profile's sizes, steps and guidance (keyword arguments override them).
+
+    ``refine=False``: ``base_only`` with the same settings; returns (images, None).
+    """
+    g = profile.generate
+    kw = dict(steps=g.steps, guidance_scale=g.guidance_scale, high_noise_frac=g.high_noise_frac, height=g.height,
+              width=g.width, seed=profile.seed) | overrides
+    if not refine:
+        kw.pop("high_noise_frac")
+        return base_only(base, prompt, **kw), None
+    return two_stage(base, refiner, prompt, **kw)
+
+
+MEMORY_OPTIONS = ("plain", "vae tiling + slicing", "model CPU offload")  # in order of cost, cumulative
+
+
+def apply_memory_option(base, refiner, option: str) -> None:
+    """One of ``MEMORY_OPTIONS``, in place: VAE tiling and slicing (decode large or batched images in pieces), or
+    model CPU offload (each component moves to the GPU only while it runs; needs CUDA)."""
+    if option == "vae tiling + slicing":
+        base.vae.enable_tiling()  # the refiner shares this VAE
+        base.vae.enable_slicing()
+    elif option == "model CPU offload":
+        base.enable_model_cpu_offload()
+        refiner.enable_model_cpu_offload()
+    elif option != "plain":
+        raise ValueError(f"unknown memory option {option!r}; the options are {', '.join(MEMORY_OPTIONS)}")

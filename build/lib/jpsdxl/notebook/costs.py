@@ -1,0 +1,85 @@
+"""What training costs: model FLOPs per training pair, and hours for the card's 41.4M pairs at a *measured* rate.
+
+Notebook 03's cost table. Every rate comes from a run (this machine's, or ``benchmarks/distillation_speed.py`` on a
+GPU, saved in ``benchmarks/results/``); every hour figure derived from one is an estimate for the named hardware.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+# Dense bf16 (T4: fp16) tensor-core peaks in TFLOP/s from the vendors' data sheets, by the *exact* name that
+# torch.cuda.get_device_name reports: a substring would take an L40S for an L4, or a PCIe H100 for an SXM one.
+PEAK_TFLOPS = {
+    "NVIDIA H200": 989.0, "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+    "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA L40S": 362.0, "NVIDIA L4": 121.0, "NVIDIA A10G": 125.0, "Tesla T4": 65.0,
+}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The card's dense half-precision peak, or None for a card not in ``PEAK_TFLOPS`` (then no MFU is claimed)."""
+    return PEAK_TFLOPS.get(device_name.strip())
+
+
+def training_flops_per_sample(text_encoder, text_encoder_2, tokens: int = 77, recompute: bool = False) -> dict:
+    """Model FLOPs of one training pair: 6 x student parameters x tokens (forward and backward) plus
+    2 x teacher parameters x tokens (the teacher's forward); the students have the teachers' sizes up to the
+    embedding rows, which are lookups and cost no multiply-adds (so they are left out of both).
+
+    Hardware FLOPs add what the card really computes beyond that: with gradient checkpointing (``recompute``) the
+    students' forward pass runs twice, 2 x parameters x tokens more. MFU divides the model FLOPs, HFU the hardware."""
+    def dense(te):
+        return sum(p.numel() for n, p in te.named_parameters() if "embeddings" not in n)
+
+    params = dense(text_encoder) + dense(text_encoder_2)
+    model = (6 + 2) * params * tokens
+    return {"dense_parameters": params, "flops_per_pair": model,
+            "hardware_flops_per_pair": model + (2 * params * tokens if recompute else 0)}
+
+
+def estimated_rows(flops_per_pair: float, utilisation: float = 0.4, pairs: int = 41_376_862,
+                   cards=("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "Tesla T4")) -> list[dict]:
+    """GPU-hours for one epoch of ``pairs`` on each card at ``utilisation`` of its peak: an **estimate** from the
+    FLOP count, not a measurement (a card's measured rate goes through ``cost_rows`` instead)."""
+    return [{"where": f"{card}: estimate at {utilisation:.0%} of {peak_tflops(card):.0f} TFLOP/s",
+             "pairs_per_second": round(peak_tflops(card) * 1e12 * utilisation / flops_per_pair, 1),
+             f"GPU-hours for {pairs / 1e6:.1f}M pairs (estimate)":
+                 round(pairs * flops_per_pair / (peak_tflops(card) * 1e12 * utilisation) / 3600)}
+            for card in cards]
+
+
+def recipe_flops_per_pair(recipe: str = "sdxl") -> dict:
+    """``training_flops_per_sample`` for a zoo recipe's text encoders, built on the meta device (no memory)."""
+    from ..core.zoo import build_components
+
+    with torch.device("meta"):
+        parts = build_components(recipe, scheduler=False)
+    return training_flops_per_sample(parts["text_encoder"], parts["text_encoder_2"])
+
+
+def measured_gpu_rows(path: str | Path) -> list[dict]:
+    """The GPU rows that ``benchmarks/distillation_speed.py`` measured and saved (none until it has run on a GPU)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    return [{"where": f"{r['device']}, {r['profile']}, {r['settings']}", "pairs_per_second": r["pairs_per_second"],
+             "peak GiB": r.get("peak_memory_gib")} for r in rows if r.get("device", "cpu") != "cpu"]
+
+
+def cost_rows(measured: list[dict], flops_per_pair: float, pairs: int = 41_376_862, gpus=(1, 8)) -> list[dict]:
+    """Hours for ``pairs`` training pairs (default: the card's 28,155,494 WMT23 + 13,221,368 caption pairs, one
+    epoch) at each *measured* throughput (rows of ``{"where", "pairs_per_second", ...}``), scaled linearly to
+    several GPUs (an upper bound: data-parallel scaling is rarely perfect)."""
+    out = []
+    for row in measured:
+        rate = row["pairs_per_second"]
+        out.append({**row, "TFLOP/s (model)": round(rate * flops_per_pair / 1e12, 3),
+                    **{f"hours for {pairs / 1e6:.1f}M pairs on {g}": round(pairs / rate / g / 3600, 1) for g in gpus}})
+    return out
+

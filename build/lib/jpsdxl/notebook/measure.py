@@ -1,0 +1,194 @@
+"""Measurements the notebooks and benchmarks show: judged generation on the shapes world, whether Japanese prompts
+lead to the images their translations lead to, the CLIP score, time and memory per stage, and the speed-ups of
+diffusers' guide.
+
+Measurement only: the pipelines themselves are stage 4's (``generation.py``), the judge is the shapes world's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..generation import _generators, apply_memory_option, batched, generate, MEMORY_OPTIONS
+from ..shapes.world import EVAL_SEEDS, score
+
+
+# -----------------------------------------------------------------------------
+# judged generation on the shapes world
+
+
+def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str, str]], seeds=EVAL_SEEDS,
+             refine: bool = True, **overrides) -> tuple[dict, np.ndarray]:
+    """Generate every prompt with every seed at the profile's settings and judge the images.
+
+    ``refine=False`` runs the base alone over the whole schedule, to measure what the refiner changes. Seeds
+    default to ones the training never used. Prompts go through in batches of ``generate.batch_size``. Returns
+    (scores, images ``[seeds, prompts, H, W, 3]`` uint8).
+    """
+    images = []
+    for seed in seeds:
+        out = np.concatenate([generate(profile, base, refiner, part, refine=refine, seed=seed, output_type="np",
+                                       **overrides)[0] for part in batched(prompts, profile.generate.batch_size)])
+        images.append((out * 255).round().clip(0, 255).astype(np.uint8))
+    images = np.stack(images)
+    return score(images.reshape(-1, *images.shape[2:]), list(targets) * len(seeds)), images
+
+
+
+def breakdown(images: np.ndarray, targets: list[tuple[str, str]], groups: list[str]) -> dict[str, dict]:
+    """The judge's scores per group of prompts: ``images`` as ``evaluate`` returns them ([seeds, prompts, H, W, 3]),
+    ``groups`` one label per prompt (e.g. ``shapes.held_out_kinds()``). {label: scores}, in first-seen order."""
+    out = {}
+    for label in dict.fromkeys(groups):
+        keep = [i for i, g in enumerate(groups) if g == label]
+        part = images[:, keep]
+        out[label] = score(part.reshape(-1, *part.shape[2:]), [targets[i] for i in keep] * images.shape[0])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# free-form sentences, CLIP score, time and memory
+
+
+def memory_by_option(profile, base, refiner, prompt: str) -> list[dict]:
+    """Peak GPU memory of one two-stage image under each memory option (on a CUDA device; else an empty list,
+    with a note). Options are applied cumulatively: plain, + VAE tiling and slicing, + model CPU offload."""
+    if profile.torch_device().type != "cuda":
+        print("No CUDA GPU on this machine: nothing measured (memory options matter on GPUs only).")
+        return []
+    rows = []
+    for option in MEMORY_OPTIONS:
+        apply_memory_option(base, refiner, option)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            generate(profile, base, refiner, [prompt])
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except torch.cuda.OutOfMemoryError:
+            peak = "out of memory"
+        rows.append({"option": option, "peak GiB": peak, "device": torch.cuda.get_device_name(0)})
+    return rows
+
+
+def stage_seconds(profile, base, refiner, prompts, **overrides) -> dict:
+    """Wall-clock seconds of the base stage and of the refiner stage for one batch of ``prompts``."""
+    import time
+
+    g = profile.generate
+    kw = dict(num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height, width=g.width) | overrides
+    sync = torch.cuda.synchronize if profile.torch_device().type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    latents = base(prompt=prompts, denoising_end=g.high_noise_frac, output_type="latent",
+                   generator=_generators(prompts, profile.seed), **kw).images
+    sync()
+    t1 = time.perf_counter()
+    refiner(prompt=prompts, image=latents, denoising_start=g.high_noise_frac, generator=_generators(prompts, profile.seed),
+            **kw)
+    sync()
+    t2 = time.perf_counter()
+    return {"base_seconds": t1 - t0, "refiner_seconds": t2 - t1, "images": len(prompts)}
+
+
+def final_latents(profile, pipelines, prompts, seeds=(0, 1)) -> torch.Tensor:
+    """``[seeds, prompts, C*H*W]``: the refiner's final latents for each prompt and seed (float32, CPU)."""
+    base, refiner = pipelines
+    out = [torch.cat([torch.as_tensor(generate(profile, base, refiner, part, seed=s, output_type="latent")[0])
+                      .float().flatten(1).cpu() for part in batched(prompts, profile.generate.batch_size)])
+           for s in seeds]
+    return torch.stack(out)
+
+
+def agreement(japanese: torch.Tensor, english: torch.Tensor) -> dict:
+    """Do Japanese prompts lead to the images their English translations lead to? ``final_latents`` of JA_i and
+    EN_i (same seeds), each set minus its own mean over the prompts (with a shared seed, raw latents of *any* two
+    prompts are alike: a cosine of about 0.95 on ``tiny``, printed in notebook 04), then the cosine of JA_i with
+    EN_j: matched (i = j) against mismatched, and how often EN_i is the nearest of all EN_j (chance 1 / prompts)."""
+    n = japanese.shape[1]
+    matched = mismatched = hits = 0.0
+    for ja, en in zip(japanese, english):
+        sim = (torch.nn.functional.normalize(ja - ja.mean(0), dim=1)
+               @ torch.nn.functional.normalize(en - en.mean(0), dim=1).T)
+        matched += float(sim.diagonal().mean())
+        mismatched += float((sim.sum() - sim.diagonal().sum()) / (n * n - n))
+        hits += int((sim.argmax(1) == torch.arange(n)).sum())
+    seeds = japanese.shape[0]
+    return {"centred_cos_matched": matched / seeds, "centred_cos_mismatched": mismatched / seeds,
+            "nearest_rate": hits / (n * seeds), "chance": 1 / n, "pairs": n, "seeds": seeds}
+
+
+def load_clip(model: str = "ViT-L-14/openai", device: str | torch.device = "cpu") -> tuple:
+    """(network, image preprocessing, tokenizer) of an open_clip model named ``"<architecture>/<pretrained tag>"``
+    (fetched from the hub on first use; a bare architecture name gives random weights, for tests only)."""
+    import open_clip
+
+    name, _, pretrained = model.partition("/")
+    net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+    return net.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def clip_score(images, prompts, clip: tuple) -> torch.Tensor:
+    """``[n]``: the CLIP score of each image with its prompt, torchmetrics' definition (100 x the cosine of the image
+    and text embeddings, floored at 0), with a model from ``load_clip``."""
+    import numpy as np
+    from PIL import Image
+
+    net, preprocess, tokenizer = clip
+    device = next(net.parameters()).device
+    pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
+    with torch.no_grad():
+        image = net.encode_image(torch.stack([preprocess(im) for im in pil]).to(device))
+        text = net.encode_text(tokenizer(list(prompts)).to(device))
+    cos = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
+    return (100 * cos).clamp(min=0).cpu()
+
+
+def clip_scores(profile, images_by_model: dict, prompts) -> dict:
+    """Mean CLIP score per model of images ``[seeds, prompts, H, W, 3]`` (uint8) against ``prompts`` (the English
+    ones: CLIP reads English), with ``generate.clip_model`` (loaded once for all models); profiles without one
+    (``tiny``) get an empty dict."""
+    model = profile.generate.clip_model
+    if not model:
+        print(f"profile {profile.name!r} sets no generate.clip_model: no CLIP score (full uses ViT-L-14/openai).")
+        return {}
+    clip = load_clip(model, profile.torch_device())
+    return {name: float(clip_score(images.reshape(-1, *images.shape[2:]), list(prompts) * images.shape[0], clip).mean())
+            for name, images in images_by_model.items()}
+
+
+
+# -----------------------------------------------------------------------------
+# speed: the card's example settings against the fastest that keep the same steps, size and scheduler
+
+
+# diffusers' speed-up guide ("Accelerate inference of text-to-image diffusion models"), in its order; each applies
+# on top of the ones before it
+SPEEDUPS = ("fp16 throughout", "channels last", "fused QKV projections", "torch.compile")
+
+
+def card_settings(base, refiner):
+    """The card's example code as written: the base in fp16, the refiner in bf16, generation under bf16 autocast.
+    Applied in place; returns the autocast context to generate in. (Here base and refiner share text_encoder_2
+    and the VAE, in fp16; the card loads the refiner with its own. Both UNets do the work that matters.)"""
+    refiner.unet.to(torch.bfloat16)
+    return torch.autocast(base.device.type, dtype=torch.bfloat16)
+
+
+def apply_speedup(base, refiner, name: str, dtype=torch.float16) -> None:
+    """One step of ``SPEEDUPS``, applied to both pipelines in place. None changes the steps, the size or the
+    scheduler; ``torch.compile`` pays its compilation on the first call after it."""
+    if name == "fp16 throughout":  # undoes card_settings: one half-precision dtype, no autocast
+        refiner.unet.to(dtype)
+    elif name == "channels last":  # NHWC: the layout the GPU's convolution kernels prefer
+        for module in (base.unet, refiner.unet, base.vae):
+            module.to(memory_format=torch.channels_last)
+    elif name == "fused QKV projections":  # one matmul for query, key and value in every attention block
+        base.fuse_qkv_projections()
+        refiner.fuse_qkv_projections(vae=False)  # the shared VAE is fused once
+    elif name == "torch.compile":
+        for pipe in (base, refiner):
+            pipe.unet.compile(fullgraph=True)
+    else:
+        raise ValueError(f"unknown speed-up {name!r}; the speed-ups are {', '.join(SPEEDUPS)}")
+

@@ -1,0 +1,138 @@
+"""Plots with readable Japanese, and small display helpers for the notebooks.
+
+Matplotlib's default font has no Japanese glyphs, so labels come out as tofu boxes (□□□). We register
+IPAexGothic, which the ``matplotlib-fontja`` package ships inside its wheel (IPA Font License): it works offline,
+in CI and on Colab alike, with no system font install. We do not ``import matplotlib_fontja`` (it restyles
+matplotlib as an import side effect); we only locate its font file.
+
+This file computes nothing that a test should trust: measurements live in the stage modules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+JAPANESE_FONT = "IPAexGothic"
+
+
+def japanese_font_path() -> Path:
+    spec = importlib.util.find_spec("matplotlib_fontja")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("matplotlib-fontja is not installed: `pip install matplotlib-fontja` (Japanese font).")
+    return Path(list(spec.submodule_search_locations)[0]) / "fonts" / "ipaexg.ttf"
+
+
+def use_japanese_font() -> str:
+    """Register IPAexGothic with matplotlib and make it the default; returns the family name."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    font_manager.fontManager.addfont(str(japanese_font_path()))
+    matplotlib.rcParams["font.family"] = [JAPANESE_FONT, "DejaVu Sans"]
+    matplotlib.rcParams["axes.unicode_minus"] = False  # IPAexGothic lacks U+2212; use ASCII minus
+    return JAPANESE_FONT
+
+
+def missing_glyphs(text: str, family: str = JAPANESE_FONT) -> list[str]:
+    """Characters of ``text`` that ``family`` cannot draw (they would show as tofu boxes)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(font_manager.findfont(family, fallback_to_default=False))
+    charmap = font.get_charmap()
+    return sorted({c for c in text if not c.isspace() and ord(c) not in charmap})
+
+
+def bar_compare(ax, labels, series: dict[str, list[float]], title: str = "", ylabel: str = "", fmt: str = "{:.2f}"):
+    """Grouped bars: one group per label, one bar per series, values written on the bars."""
+    import numpy as np
+
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+    ax.set_xticks(x, labels)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return ax
+
+
+def image_grid(images, titles=None, columns: int | None = None, scale: float = 1.3, title: str = ""):
+    """A figure of images (``[n, H, W, 3]`` uint8 or float) with optional (Japanese) titles under each."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    images = np.asarray(images)
+    n = len(images)
+    columns = columns or min(n, 9)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * scale, rows * (scale + 0.35)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def judged_grid(images: dict, marks: dict[str, list[tuple[bool, bool]]], titles: list[str],
+                scale: float = 0.8):
+    """Rows of images, one row per model (``images[name]``: ``[prompts, H, W, 3]``), one column per prompt, each
+    framed by what the judge found (``marks[name]``: (right colour, right shape) per image, from
+    ``shapes.marks``): green both right, orange one of the two, red neither."""
+    import matplotlib.pyplot as plt
+
+    frame = {2: "#1a9850", 1: "#fdae61", 0: "#d73027"}
+    names, columns = list(images), len(titles)
+    fig, axes = plt.subplots(len(names), columns, figsize=(columns * scale + 1.6, len(names) * scale + 0.9),
+                             squeeze=False)
+    for r, name in enumerate(names):
+        for c, ax in enumerate(axes[r]):
+            ax.imshow(images[name][c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color(frame[sum(marks[name][c])])
+                spine.set_linewidth(3)
+            if r == 0:
+                ax.set_title(titles[c], fontsize=6, rotation=60, ha="left", va="bottom")
+        right = sum(all(m) for m in marks[name])
+        axes[r][0].set_ylabel(f"{name}\n{right}/{columns}", fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle("緑: 色と形が正しい / 橙: どちらか一方 / 赤: どちらも違う "
+                 "(green: colour and shape right, orange: one of them, red: neither)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(logs: dict[str, list], keys=("eval_loss", "eval_pool100_top1"), chance: float | None = None,
+                    titles=("held-out loss (lower is better)", "pool-100 top-1 (higher is better)")):
+    """One panel per logged metric, one line per run, over optimiser steps (stage 3's ``Run.log`` rows). A run given
+    as a list of logs (the same run over several seeds) is drawn as the seeds' mean with their range shaded."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 3.4), squeeze=False)
+    for ax, key, title in zip(axes[0], keys, titles):
+        for name, log in logs.items():
+            seeds = log if log and isinstance(log[0], list) else [log]
+            rows = [[r for r in one if r.get(key) not in (None, "")] for one in seeds]
+            steps = [r["step"] for r in rows[0]]
+            values = np.array([[float(r[key]) for r in one] for one in rows])  # seeds x evaluations
+            line, = ax.plot(steps, values.mean(0), marker="o", ms=3,
+                            label=name if len(seeds) == 1 else f"{name} (mean of {len(seeds)} seeds)")
+            if len(seeds) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        if chance is not None and "top1" in key:
+            ax.axhline(chance, color="crimson", ls="--", lw=1, label="chance")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

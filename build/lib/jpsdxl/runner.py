@@ -1,0 +1,139 @@
+"""The notebook runner: execute every notebook in order with papermill, on one profile.
+
+For each ``notebooks/NN_*.ipynb`` it writes ``runs/<profile>/<NN_name>/``: the executed copy, an HTML export,
+and the ``metrics.json`` that the notebook itself saved (a notebook that saves none fails the run). A
+``summary.json`` beside them records wall times and headline numbers. The notebooks in the repository stay
+without outputs; executed copies live only under ``runs/``.
+
+This file is not the CLI (``cli.py``) and computes no metrics of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .core.hub import is_offline
+from .core.models import resolve_profile
+from .core.profiles import load_profile
+from .core.runs import ensure_writable, load_metrics, runs_dir, write_json
+from .core.runs import runs_root as default_runs_root
+
+
+def _notebook_dir() -> Path:
+    """The checkout's ``notebooks/``; in an installed (non-editable) package, the copy shipped inside it."""
+    checkout = Path(__file__).resolve().parents[1] / "notebooks"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "tutorial"
+
+
+NOTEBOOK_DIR = _notebook_dir()
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def notebooks(notebook_dir: str | Path = NOTEBOOK_DIR, only: list[str] | None = None) -> list[Path]:
+    found = sorted(Path(notebook_dir).glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        found = [nb for nb in found if any(nb.stem.startswith(o) for o in only)]
+    return found
+
+
+def export_html(executed: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    out = executed.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def _caller_path(value: str | Path | None) -> str | None:
+    """A relative path the caller typed, made absolute against the caller's working directory.
+
+    The notebooks run with ``notebooks/`` as their working directory; a relative path passed on unchanged
+    would silently point somewhere else there.
+    """
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
+def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_root: str | Path | None = None,
+                  notebook_dir: str | Path = NOTEBOOK_DIR, html: bool = True, progress: bool = True) -> list[dict]:
+    """Execute the notebooks in order; stop at the first failure with the cell that failed.
+
+    ``summary.json`` is merged: a run of some notebooks replaces their entries and keeps the others'.
+    """
+    try:
+        import papermill  # noqa: F401
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("running the notebooks needs the notebooks extra: pip install -e '.[notebooks]' "
+                                  "(make tutorial installs it)") from None
+    if str(profile).endswith(".toml"):
+        profile = _caller_path(profile)
+    root = Path(_caller_path(runs_root) or default_runs_root())
+    loaded = load_profile(profile)  # fail early on a bad profile, before any kernel starts
+    loaded.check_device()
+    if is_offline():
+        resolve_profile(loaded)  # offline, every missing model is named now, not in some cell minutes later
+    name = loaded.name
+    ensure_writable(root / name, "--runs")  # each notebook's outputs land there as it ends: checked before the first
+    todo = notebooks(notebook_dir, only)
+    if not todo:
+        raise FileNotFoundError(f"No notebooks matching {only or 'NN_*.ipynb'} in {notebook_dir}")
+    # the kernels inherit it: every stage a notebook reads or writes resolves under the same root
+    previous, os.environ["JPSDXL_RUNS"] = os.environ.get("JPSDXL_RUNS"), str(root)
+    try:
+        summary = _run_all(todo, profile, name, root, html, progress)
+    finally:
+        if previous is None:
+            os.environ.pop("JPSDXL_RUNS", None)
+        else:
+            os.environ["JPSDXL_RUNS"] = previous
+    return summary
+
+
+def _run_all(todo: list[Path], profile: str, name: str, root: Path, html: bool, progress: bool) -> list[dict]:
+    import papermill
+    from tqdm.auto import tqdm
+
+    summary = []
+    for nb in tqdm(todo, desc=f"notebooks ({name})", disable=not progress):
+        out_dir = runs_dir(name, nb.stem, root)
+        (out_dir / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's
+        executed = out_dir / nb.name
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(nb), str(executed), parameters={"profile": str(profile),
+                                       "run_dir": str(out_dir)}, cwd=str(nb.parent), progress_bar=False,
+                                       kernel_name="python3",
+                                       # the kernel's "running over TCP without encryption" notice is noise on a
+                                       # kernel that only this process talks to, on this machine
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        except papermill.PapermillExecutionError as e:
+            raise NotebookFailed(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                                 f"The executed copy with the traceback: {executed}") from None
+        seconds = round(time.perf_counter() - start, 1)
+        if html:
+            export_html(executed)
+        metrics = load_metrics(out_dir)
+        if not metrics:
+            raise NotebookFailed(f"{nb.name} ran but saved no metrics.json in {out_dir}")
+        summary.append({"notebook": nb.stem, "seconds": seconds, "executed": str(executed), "metrics": metrics})
+        tqdm.write(f"{nb.stem}: {seconds:.1f} s")
+    write_summary(runs_dir(name, root=root) / "summary.json", name, summary)
+    return summary
+
+
+def write_summary(path: Path, profile: str, rows: list[dict]) -> dict:
+    """Merge this run's rows into ``summary.json``: entries of notebooks not run now are kept."""
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    merged = {row["notebook"]: row for row in old.get("notebooks", [])} | {row["notebook"]: row for row in rows}
+    notebooks_ = [merged[k] for k in sorted(merged)]
+    summary = {"profile": profile, "total_seconds": round(sum(r["seconds"] for r in notebooks_), 1),
+               "notebooks": notebooks_, "cache": os.environ.get("JPSDXL_CACHE", "~/.cache/jpsdxl")}
+    write_json(path, summary)
+    return summary

@@ -1,0 +1,238 @@
+"""The shapes world: a tiny captioned data set that a CPU can learn, and a judge that scores images of it.
+
+``tiny`` SDXL is too small to learn real images, but it can learn *this*: one coloured shape on a white
+background, 32x32 pixels, six colours x three shapes, with random size and position. Trained on English captions
+("a red circle"), the tiny base + refiner draw what a caption says; the tutorial can then *measure* whether a
+Japanese prompt (「赤い丸」) draws the same, before and after distillation.
+
+* ``render`` / ``sample``: a seeded generator of images and their attributes (colour, shape, size, position).
+* ``english_captions`` / ``japanese_captions``: several phrasings per (colour, shape); which combinations and which
+  phrasings are held out of stage 3's training pairs is fixed here (``HELD_OUT_*``), so stages 3 and 4 can test
+  on what distillation never saw.
+* ``judge``: a pixel classifier, no learning: the dominant hue of the saturated pixels against the palette, and
+  the shape from the mask's geometry in its bounding box (whether it narrows upwards, whether it fills the corners).
+
+This file does not train anything (``training.py``), build pipelines (``core/zoo.py``) or generate images
+(``notebook/measure.py`` judges a pipeline's images with ``score``).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SIZE", "COLOURS", "SHAPES", "ENGLISH_TEMPLATES", "JAPANESE_TEMPLATES", "HELD_OUT_COMBINATIONS",
+    "HELD_OUT_JAPANESE_TEMPLATES", "combinations", "english_captions", "japanese_captions", "caption_pairs",
+    "held_out_prompts", "held_out_kinds", "Shape", "render", "random_shape", "sample", "PALETTE_HUES", "Verdict",
+    "judge", "marks", "score", "english_prompts", "EVAL_SEEDS"
+]
+
+IMAGE_SIZE = 32
+
+# name -> (RGB, Japanese forms). Hues 0, 60, 120, 180, 240 and 282 degrees: saturated, far apart on the wheel.
+#   adj: attributive adjective (赤い丸), mod: "colour-noun + の" (赤色の円), pred: predicate after a te-form (丸くて赤い)
+COLOURS = {
+    "red": dict(rgb=(255, 0, 0), adj="赤い", mod="赤色の", pred="赤い"),
+    "yellow": dict(rgb=(255, 255, 0), adj="黄色い", mod="黄色の", pred="黄色い"),
+    "green": dict(rgb=(0, 255, 0), adj="緑の", mod="緑色の", pred="緑色の"),
+    "cyan": dict(rgb=(0, 255, 255), adj="水色の", mod="水色の", pred="水色の"),
+    "blue": dict(rgb=(0, 0, 255), adj="青い", mod="青色の", pred="青い"),
+    "purple": dict(rgb=(180, 0, 255), adj="紫の", mod="紫色の", pred="紫色の"),
+}
+# name -> Japanese forms: short noun (赤い丸), formal noun (赤色の円), te-form (丸くて赤い図形)
+SHAPES = {
+    "circle": dict(short="丸", formal="円", te="丸くて"),
+    "square": dict(short="四角", formal="正方形", te="四角くて"),
+    "triangle": dict(short="三角", formal="三角形", te="三角形で"),
+}
+ENGLISH_TEMPLATES = ["a {colour} {shape}", "a {shape} that is {colour}", "{colour} {shape} on a white background"]
+JAPANESE_TEMPLATES = ["{adj}{short}", "{mod}{formal}", "{te}{pred}図形"]
+
+# Held out of stage 3's JA-EN training pairs (stage 4 tests on them): three combinations, one per shape and no colour
+# twice, in every phrasing; and the third Japanese phrasing for every combination.
+HELD_OUT_COMBINATIONS = [("cyan", "circle"), ("purple", "square"), ("yellow", "triangle")]
+HELD_OUT_JAPANESE_TEMPLATES = [2]
+
+
+def combinations() -> list[tuple[str, str]]:
+    return list(product(COLOURS, SHAPES))
+
+
+def english_captions(colour: str, shape: str) -> list[str]:
+    return [t.format(colour=colour, shape=shape) for t in ENGLISH_TEMPLATES]
+
+
+def japanese_captions(colour: str, shape: str) -> list[str]:
+    return [t.format(**COLOURS[colour], **SHAPES[shape]) for t in JAPANESE_TEMPLATES]
+
+
+def caption_pairs(split: str = "train") -> list[tuple[str, str]]:
+    """(Japanese, English) caption pairs: ``"train"`` (what stage 3 may train on) or ``"held_out"`` (stage 4's tests).
+
+    Each Japanese phrasing is paired with the first English phrasing ("a red circle"), the one the English model
+    is tested with.
+    """
+    out = []
+    for colour, shape in combinations():
+        en = english_captions(colour, shape)[0]
+        for i, ja in enumerate(japanese_captions(colour, shape)):
+            held = (colour, shape) in HELD_OUT_COMBINATIONS or i in HELD_OUT_JAPANESE_TEMPLATES
+            if held == (split == "held_out"):
+                out.append((ja, en))
+    return out
+
+
+def held_out_prompts() -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Stage 4's test: the held-out Japanese captions, their English captions and the (colour, shape) each asks for."""
+    pairs = caption_pairs("held_out")
+    lookup = {english_captions(c, s)[0]: (c, s) for c, s in combinations()}
+    return [ja for ja, _ in pairs], [en for _, en in pairs], [lookup[en] for _, en in pairs]
+
+
+def held_out_kinds() -> list[str]:
+    """For each of ``held_out_prompts()``, what about it stage 3 never saw: ``"new combination"`` (a held-out
+    colour-shape pair in a trained phrasing), ``"new phrasing"`` (a trained pair in the held-out phrasing) or
+    ``"both new"``."""
+    kinds = []
+    for colour, shape in combinations():  # the order of caption_pairs("held_out")
+        for i, _ in enumerate(JAPANESE_TEMPLATES):
+            combo, phrasing = (colour, shape) in HELD_OUT_COMBINATIONS, i in HELD_OUT_JAPANESE_TEMPLATES
+            if combo or phrasing:
+                kinds.append("both new" if combo and phrasing else "new combination" if combo else "new phrasing")
+    return kinds
+
+
+# -----------------------------------------------------------------------------
+# images
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    size: float  # half-width in pixels
+    cx: float
+    cy: float
+
+
+def render(s: Shape, size: int = IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
+    """uint8 ``[size, size, 3]``: the shape in its colour on white, anti-aliased by supersampling."""
+    n = size * supersample
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / supersample
+    dx, dy = x - s.cx, y - s.cy
+    if s.shape == "circle":
+        inside = dx**2 + dy**2 <= s.size**2
+    elif s.shape == "square":
+        inside = (np.abs(dx) <= s.size) & (np.abs(dy) <= s.size)
+    elif s.shape == "triangle":  # upright isosceles: apex at the top, base at the bottom
+        height = 2 * s.size
+        t = (dy + s.size) / height  # 0 at the apex row, 1 at the base row
+        inside = (t >= 0) & (t <= 1) & (np.abs(dx) <= s.size * t)
+    else:
+        raise ValueError(f"unknown shape {s.shape!r}; shapes are {list(SHAPES)}")
+    cover = inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))[..., None]
+    colour = np.array(COLOURS[s.colour]["rgb"], dtype=np.float64)
+    return np.round(255 * (1 - cover) + colour * cover).astype(np.uint8)
+
+
+def random_shape(rng: np.random.Generator, colour: str | None = None, shape: str | None = None,
+                 size: int = IMAGE_SIZE) -> Shape:
+    """A random shape (colour and shape drawn unless given): half-width 5-10 px, fully inside the image."""
+    colour = colour or rng.choice(list(COLOURS))
+    shape = shape or rng.choice(list(SHAPES))
+    half = float(rng.uniform(5, 10)) * size / IMAGE_SIZE
+    margin = half + 1
+    cx, cy = (float(v) for v in rng.uniform(margin, size - margin, 2))
+    return Shape(str(colour), str(shape), half, cx, cy)
+
+
+def sample(n: int, seed: int | np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Shape]]:
+    """``n`` images (uint8 ``[n, size, size, 3]``) and what is in them, from ``seed`` (or a generator to draw
+    from): same seed, same images."""
+    rng = np.random.default_rng(seed)
+    shapes = [random_shape(rng, size=size) for _ in range(n)]
+    return np.stack([render(s, size) for s in shapes]), shapes
+
+
+# -----------------------------------------------------------------------------
+# the judge
+
+
+PALETTE_HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in spec["rgb"]))[0] * 360 for name, spec in COLOURS.items()}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    colour: str | None  # None: no shape found
+    shape: str | None
+    fill: float  # mask area / bounding-box area (circle ~0.79, square ~1, triangle ~0.5): shown, not decisive
+    pixels: int
+
+
+def judge(image: np.ndarray, min_saturation: float = 0.35, min_pixels: int = 6) -> Verdict:
+    """What a 32x32-ish RGB image (uint8 or float in [0, 1]) shows: colour and shape of its saturated blob."""
+    img = np.asarray(image, dtype=np.float64)
+    img = img / 255 if img.max() > 1.0 else img
+    mx, mn = img.max(-1), img.min(-1)
+    saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-8), 0)
+    mask = (saturation > min_saturation) & (mx > 0.25)
+    if mask.sum() < min_pixels:
+        return Verdict(None, None, 0.0, int(mask.sum()))
+    # dominant hue: the circular mean of the blob's hues, weighted by saturation
+    r, g, b = (img[..., i][mask] for i in range(3))
+    hue = np.array([colorsys.rgb_to_hsv(*px)[0] for px in zip(r, g, b)]) * 2 * math.pi
+    w = saturation[mask]
+    mean = math.atan2((w * np.sin(hue)).sum(), (w * np.cos(hue)).sum()) % (2 * math.pi) * 180 / math.pi
+    colour = min(PALETTE_HUES, key=lambda c: min(abs(mean - PALETTE_HUES[c]), 360 - abs(mean - PALETTE_HUES[c])))
+    # shape from the mask's geometry in its bounding box: a triangle narrows upwards; a square fills its corners,
+    # a circle leaves them empty (soft, generated edges lower a square's overall fill, not its corners much)
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    h, w_ = box.shape
+    fill = box.mean()
+    rows = box.sum(1)
+    top, bottom = rows[: max(1, h // 3)].mean(), rows[-max(1, h // 3):].mean()
+    ch, cw = max(1, round(h / 5)), max(1, round(w_ / 5))
+    corners = np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(), box[-ch:, -cw:].mean()])
+    if top < 0.6 * bottom:
+        shape = "triangle"
+    elif corners > 0.5:
+        shape = "square"
+    else:
+        shape = "circle"
+    return Verdict(colour, shape, float(fill), int(mask.sum()))
+
+
+def marks(images, targets: list[tuple[str, str]]) -> list[tuple[bool, bool]]:
+    """(right colour, right shape) for each image against its target (colour, shape)."""
+    verdicts = [judge(im) for im in images]
+    return [(v.colour == c, v.shape == s) for v, (c, s) in zip(verdicts, targets)]
+
+
+def score(images, targets: list[tuple[str, str]]) -> dict:
+    """Share of images whose judged colour, shape, and both match ``targets`` [(colour, shape), ...]."""
+    colour, shape = zip(*marks(images, targets)) if len(targets) else ((), ())
+    return {"colour": float(np.mean(colour)), "shape": float(np.mean(shape)),
+            "both": float(np.mean([a and b for a, b in zip(colour, shape)])), "n": len(targets),
+            "chance_colour": 1 / len(COLOURS), "chance_shape": 1 / len(SHAPES),
+            "chance_both": 1 / (len(COLOURS) * len(SHAPES))}
+
+
+# -----------------------------------------------------------------------------
+# measuring a pipeline on the shapes world
+
+
+def english_prompts() -> tuple[list[str], list[tuple[str, str]]]:
+    """"a {colour} {shape}" for every combination, and the targets the judge checks them against."""
+    combos = combinations()
+    return [english_captions(c, s)[0] for c, s in combos], combos
+
+
+EVAL_SEEDS = tuple(range(1000, 1008))  # never used in training (its generators are seeded 0-500)
+
+
