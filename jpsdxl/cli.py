@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 00 01")
     run.add_argument("--runs", default=None, help="output root (default: <repo>/runs)")
     run.add_argument("--no-html", action="store_true", help="skip the HTML export")
+    run.add_argument("--force", action="store_true", help="execute every notebook, even one whose inputs, code and "
+                                                          "settings have not changed since its last run (reused)")
     prep = sub.add_parser("prepare", help="fetch data and models, build the zoo, the Japanese tokenizer and stage 2's "
                                           "mapping: everything slow that the notebooks would do on first use")
     prep.add_argument("--profile", default="tiny")
@@ -117,11 +119,13 @@ def _run(args) -> int:
     from .runner import NotebookFailed, run_notebooks
 
     try:
-        summary = run_notebooks(args.profile, args.only, args.runs, html=not args.no_html)
+        summary = run_notebooks(args.profile, args.only, args.runs, html=not args.no_html, force=args.force)
     except NotebookFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{len(summary)} notebooks, {sum(r['seconds'] for r in summary):.1f} s")
+    ran = [r for r in summary if not r.get("reused")]
+    print(f"{len(summary)} notebooks, {sum(r['seconds'] for r in ran):.1f} s"
+          + (f" ({len(summary) - len(ran)} unchanged since their last run, reused)" if len(ran) < len(summary) else ""))
     return 0
 
 

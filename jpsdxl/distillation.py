@@ -42,7 +42,7 @@ from .core.runs import atomic_path, write_json
 from .data import TrainingPairs
 from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
     TARGETS, Outputs, TokenIds, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms,
-    pool_retrieval, positions_needed, token_ids, weighted_loss)
+    mean_pooled, pool_retrieval, positions_needed, token_ids, weighted_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -64,7 +64,8 @@ class HeldOut:
     @classmethod
     def build(cls, teachers: "Teachers", pairs, reference_english) -> "HeldOut":
         return cls([p[0] for p in pairs], [p[1] for p in pairs], teachers.encode([p[1] for p in pairs]),
-                   teachers.encode(list(reference_english)).pooled.mean(0), teachers.encode([""]))
+                   mean_pooled(teachers.text_encoder_2, teachers.tokenizer_2, list(reference_english)),
+                   teachers.encode([""]))
 
     def measure(self, students: "Students") -> dict:
         was_training = students.training
@@ -711,7 +712,8 @@ def summary(run: Run | list[Run]) -> dict:
         each = [summary(r) for r in run]
         numbers = [k for k, v in each[0].items() if isinstance(v, (int, float))]
         mean = {k: round(sum(e[k] for e in each) / len(each), 4) for k in numbers}
-        spread = {k: [min(e[k] for e in each), max(e[k] for e in each)] for k in numbers if k.endswith(("_before", "_after"))}
+        spread = {k: [min(e[k] for e in each), max(e[k] for e in each)]
+                  for k in numbers if k.endswith(("_before", "_after"))}
         return {**mean, "seeds": len(each), "spread": spread}
     return {"steps": run.steps, **{f"{k}_before": round(run.before[k], 4) for k in SUMMARY_KEYS},
             **{f"{k}_after": round(run.after[k], 4) for k in SUMMARY_KEYS}, "pool_chance": run.after["pool_chance"],

@@ -364,13 +364,13 @@ def compare_inits(english, ja_tokenizers, mapping_1: Mapping, mapping_2: Mapping
     ``mapping_1`` / ``mapping_2`` map the vocabularies of ``tokenizer`` / ``tokenizer_2`` (the same pieces, so
     usually the same mapping).
     """
-    from .targets import encode, held_out_metrics
+    from .targets import encode, held_out_metrics, mean_pooled
 
     tok, tok_2 = ja_tokenizers
     te1, te2 = english.text_encoder, english.text_encoder_2
     ja, en = [p[0] for p in held_out], [p[1] for p in held_out]
     teacher = encode(te1, te2, english.tokenizer, english.tokenizer_2, en)
-    teacher_mean = encode(te1, te2, english.tokenizer, english.tokenizer_2, reference_english).pooled.mean(0)
+    teacher_mean = mean_pooled(te2, english.tokenizer_2, reference_english)
     results = {}
     for strategy in strategies:
         rows_1 = initial_rows(strategy, mapping_1, te1.get_input_embeddings().weight, len(tok), **options)

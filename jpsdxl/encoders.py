@@ -131,9 +131,3 @@ def japanese_copy(teacher, tokenizer, teacher_tokenizer, rows: torch.Tensor | No
         raise RuntimeError(f"copy has tensors without values: {leftover}")
     return student.eval()
 
-
-def pooled_position(input_ids: torch.Tensor, config) -> torch.Tensor:
-    """Where transformers reads the pooled output for ``input_ids`` under ``config``: per row, a position."""
-    if config.eos_token_id == 2:
-        return input_ids.to(torch.int).argmax(dim=-1)
-    return (input_ids == config.eos_token_id).int().argmax(dim=-1)

@@ -5,11 +5,18 @@ and the ``metrics.json`` that the notebook itself saved (a notebook that saves n
 ``summary.json`` beside them records wall times and headline numbers. The notebooks in the repository stay
 without outputs; executed copies live only under ``runs/``.
 
+A rerun reuses what it can prove current: each successful execution leaves a ``fingerprint`` of everything its
+outputs depend on (see ``fingerprint``), and a notebook whose fingerprint has not changed is not executed again
+(``force=True``, ``jpsdxl run --force``: execute every one anyway).
+
 This file is not the CLI (``cli.py``) and computes no metrics of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import os
 import time
@@ -18,7 +25,7 @@ from pathlib import Path
 from .core.hub import is_offline
 from .core.models import resolve_profile
 from .core.profiles import load_profile
-from .core.runs import ensure_writable, load_metrics, runs_dir, write_json
+from .core.runs import atomic_path, ensure_writable, load_metrics, runs_dir, write_json
 from .core.runs import runs_root as default_runs_root
 
 
@@ -61,9 +68,37 @@ def _caller_path(value: str | Path | None) -> str | None:
     return None if value is None else str(Path(value).expanduser().resolve())
 
 
+FINGERPRINT = "fingerprint"
+
+
+def fingerprint(notebook: Path, profile, root: Path) -> str:
+    """One hash of everything a notebook's outputs depend on: its own text, the profile's settings, every file of
+    the package (code, profiles, the shapes world's weights), every installed distribution's version, and what the
+    notebooks before it left: their fingerprints and the size and time of every file in their folders (their outputs
+    are its inputs: a rerun of 02, or ``jpsdxl distill`` writing new students into 03's folder, makes 04 stale)."""
+    h = hashlib.sha256(notebook.read_bytes())
+    h.update(json.dumps(dataclasses.asdict(profile), sort_keys=True, default=str).encode())
+    package = Path(__file__).resolve().parent
+    for f in sorted(package.rglob("*")):
+        if f.is_file() and "__pycache__" not in f.parts:
+            h.update(f.relative_to(package).as_posix().encode() + f.read_bytes())
+    h.update(" ".join(sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()))
+             .encode())
+    for earlier in notebooks(notebook.parent):
+        if earlier.stem < notebook.stem:
+            folder = runs_dir(profile.name, earlier.stem, root, create=False)
+            h.update((folder / FINGERPRINT).read_bytes() if (folder / FINGERPRINT).exists() else b"not run")
+            for f in sorted(folder.rglob("*")) if folder.is_dir() else ():
+                if f.is_file():
+                    h.update(f"{f.relative_to(folder).as_posix()} {f.stat().st_size} {f.stat().st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_root: str | Path | None = None,
-                  notebook_dir: str | Path = NOTEBOOK_DIR, html: bool = True, progress: bool = True) -> list[dict]:
-    """Execute the notebooks in order; stop at the first failure with the cell that failed.
+                  notebook_dir: str | Path = NOTEBOOK_DIR, html: bool = True, progress: bool = True,
+                  force: bool = False) -> list[dict]:
+    """Execute the notebooks in order; stop at the first failure with the cell that failed. A notebook whose
+    ``fingerprint`` matches its last successful execution's is reused, not executed again, unless ``force``.
 
     ``summary.json`` is merged: a run of some notebooks replaces their entries and keeps the others'.
     """
@@ -87,7 +122,7 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
     # the kernels inherit it: every stage a notebook reads or writes resolves under the same root
     previous, os.environ["JPSDXL_RUNS"] = os.environ.get("JPSDXL_RUNS"), str(root)
     try:
-        summary = _run_all(todo, profile, name, root, html, progress)
+        summary = _run_all(todo, profile, loaded, root, html, progress, force)
     finally:
         if previous is None:
             os.environ.pop("JPSDXL_RUNS", None)
@@ -96,15 +131,27 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
     return summary
 
 
-def _run_all(todo: list[Path], profile: str, name: str, root: Path, html: bool, progress: bool) -> list[dict]:
+def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, progress: bool,
+             force: bool) -> list[dict]:
     import papermill
     from tqdm.auto import tqdm
 
-    summary = []
+    name, summary = loaded.name, []
+    summary_path = runs_dir(name, root=root) / "summary.json"
+    before = {r["notebook"]: r for r in json.loads(summary_path.read_text(encoding="utf-8")).get("notebooks", [])
+              } if summary_path.exists() else {}
     for nb in tqdm(todo, desc=f"notebooks ({name})", disable=not progress):
         out_dir = runs_dir(name, nb.stem, root)
+        executed, saved, current = out_dir / nb.name, out_dir / FINGERPRINT, fingerprint(nb, loaded, root)
+        if (not force and saved.exists() and saved.read_text() == current and executed.exists()
+                and load_metrics(out_dir)):
+            summary.append({**before.get(nb.stem, {"notebook": nb.stem, "seconds": 0.0, "executed": str(executed)}),
+                            "metrics": load_metrics(out_dir), "reused": True})
+            tqdm.write(f"{nb.stem}: unchanged since its last run (same notebook, profile, code, libraries and "
+                       f"inputs): reused; --force runs it again")
+            continue
+        saved.unlink(missing_ok=True)  # written again only when this execution succeeds
         (out_dir / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's
-        executed = out_dir / nb.name
         start = time.perf_counter()
         try:
             papermill.execute_notebook(str(nb), str(executed), parameters={"profile": str(profile),
@@ -123,8 +170,10 @@ def _run_all(todo: list[Path], profile: str, name: str, root: Path, html: bool, 
         if not metrics:
             raise NotebookFailed(f"{nb.name} ran but saved no metrics.json in {out_dir}")
         summary.append({"notebook": nb.stem, "seconds": seconds, "executed": str(executed), "metrics": metrics})
+        with atomic_path(saved) as tmp:
+            tmp.write_text(current)
         tqdm.write(f"{nb.stem}: {seconds:.1f} s")
-    write_summary(runs_dir(name, root=root) / "summary.json", name, summary)
+    write_summary(summary_path, name, summary)
     return summary
 
 

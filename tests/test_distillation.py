@@ -541,3 +541,12 @@ def test_students_train_in_float32_or_keep_the_teachers_dtype(setup):
     kept = D.make_students(half, setup.tokenizer, setup.tokenizer_2, "mean", dtype=None)
     assert {p.dtype for p in trained.parameters()} == {torch.float32}
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+
+
+def test_the_teachers_mean_pooled_output_reads_only_what_pools(setup):
+    """The centred metrics subtract the teacher's mean pooled output: computed through text_encoder_2 alone, each
+    batch only as far as its last EOS, it must equal the mean of the full encode's pooled outputs."""
+    sentences = [en for _, en in setup.splits.train[:300]]
+    full = setup.teachers.encode(sentences).pooled.mean(0)
+    short = D.mean_pooled(setup.teachers.text_encoder_2, setup.teachers.tokenizer_2, sentences, batch_size=64)
+    assert torch.allclose(short, full, atol=1e-5)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from jpsdxl import encoders
+from jpsdxl.targets import pooled_position
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_pooled_output_is_read_at_japanese_eos(pipelines, ja_tokenizers):
     ids = tok(["赤い猫", "犬がソファの上で寝ている"], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
     out = student(ids, output_hidden_states=True)
     eos = [row.tolist().index(tok.eos_token_id) for row in ids]
-    assert encoders.pooled_position(ids, student.config).tolist() == eos
+    assert pooled_position(ids, student.config).tolist() == eos
     for i, pos in enumerate(eos):
         expected = student.text_projection(out.last_hidden_state[i, pos])
         assert torch.allclose(out.text_embeds[i], expected, atol=1e-6)
@@ -81,7 +82,7 @@ def test_legacy_pooling_reads_clip_eos(pipelines):
         assert te.config.eos_token_id == 2
         ids = tok(["a red cat on the sofa"], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
         eos = ids[0].tolist().index(49407)
-        assert encoders.pooled_position(ids, te.config).tolist() == [eos]
+        assert pooled_position(ids, te.config).tolist() == [eos]
 
 
 def test_float_matrix_rows_and_dtype(pipelines, ja_tokenizers):

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,73 @@ def test_the_notebooks_travel_with_an_installed_package():
     assert setuptools["package-dir"]["jpsdxl.tutorial"] == "notebooks"
     assert "*.ipynb" in setuptools["package-data"]["jpsdxl.tutorial"]
     assert runner.NOTEBOOK_DIR == root / "notebooks"
+
+
+def test_a_rerun_reuses_each_notebook_whose_fingerprint_has_not_changed(tmp_path, monkeypatch):
+    """`jpsdxl run` twice: the second run executes nothing; an edited notebook runs again and so does every notebook
+    after it (their inputs are its outputs), not the ones before; another profile or `force` runs them all; a file
+    written into an earlier notebook's folder (a stage command's new outputs) runs the later ones again. The kernels
+    are stood in for by a fake papermill here (the real one runs in test_cli and test_notebooks)."""
+    import shutil
+
+    import nbformat
+    import papermill
+
+    from jpsdxl import runner
+    from jpsdxl.core.profiles import derive, load_profile, save_profile
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for stem in ("00_a", "01_b", "02_c"):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"# {stem}")]), nbs / f"{stem}.ipynb")
+    executed = []
+
+    def fake(source, output, parameters, **_):
+        shutil.copy(source, output)
+        save_metrics(parameters["run_dir"], {"ran": Path(source).stem})
+        executed.append(Path(source).stem)
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    run = lambda profile="tiny", **kw: runner.run_notebooks(profile, runs_root=tmp_path / "runs", notebook_dir=nbs,  # noqa: E731
+                                                            html=False, progress=False, **kw)
+    run()
+    assert executed == ["00_a", "01_b", "02_c"]
+    summary = run()
+    assert executed == ["00_a", "01_b", "02_c"] and all(r["reused"] for r in summary)
+    assert [r["metrics"]["ran"] for r in summary] == ["00_a", "01_b", "02_c"]
+    (nbs / "01_b.ipynb").write_text((nbs / "01_b.ipynb").read_text().replace("# 01_b", "# 01_b, edited"))
+    run()
+    assert executed[3:] == ["01_b", "02_c"]
+    run(force=True)
+    assert executed[5:] == ["00_a", "01_b", "02_c"]
+    other = save_profile(derive(load_profile("tiny"), name="tiny", seed=1), tmp_path / "tiny.toml")  # same name
+    run(str(other))
+    assert executed[8:] == ["00_a", "01_b", "02_c"]
+    (tmp_path / "runs" / "tiny" / "02_c" / "metrics.json").unlink()  # an output gone: run again, whatever the hash
+    run(str(other))
+    assert executed[11:] == ["02_c"]
+    (tmp_path / "runs" / "tiny" / "01_b" / "students.bin").write_bytes(b"new")  # a stage command wrote into 01's folder
+    run(str(other))
+    assert executed[12:] == ["02_c"]
+
+
+def test_another_library_version_is_another_fingerprint(tmp_path, monkeypatch):
+    """A library upgrade can move every number: the notebooks run again after one."""
+    import importlib.metadata
+
+    import nbformat
+
+    from jpsdxl import runner
+    from jpsdxl.core.profiles import load_profile
+
+    nbformat.write(nbformat.v4.new_notebook(), tmp_path / "00_a.ipynb")
+    before = runner.fingerprint(tmp_path / "00_a.ipynb", load_profile("tiny"), tmp_path)
+    assert runner.fingerprint(tmp_path / "00_a.ipynb", load_profile("tiny"), tmp_path) == before
+    installed = list(importlib.metadata.distributions())
+    torch = next(d for d in installed if d.metadata["Name"] == "torch")
+
+    class Upgraded:
+        metadata, version = torch.metadata, torch.version + ".post1"
+
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [Upgraded if d is torch else d for d in installed])
+    assert runner.fingerprint(tmp_path / "00_a.ipynb", load_profile("tiny"), tmp_path) != before
