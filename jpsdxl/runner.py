@@ -82,7 +82,9 @@ def fingerprint(notebook: Path, profile, root: Path) -> str:
     for f in sorted(package.rglob("*")):
         if f.is_file() and "__pycache__" not in f.parts:
             h.update(f.relative_to(package).as_posix().encode() + f.read_bytes())
-    h.update(" ".join(sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()))
+    # a set: with a checkout on sys.path (``python -m pytest`` puts the working directory there) its egg-info
+    # lists jpsdxl again, and a fingerprint must not depend on how the runner was started
+    h.update(" ".join(sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()}))
              .encode())
     for earlier in notebooks(notebook.parent):
         if earlier.stem < notebook.stem:
