@@ -91,7 +91,7 @@ def fingerprint(notebook: Path, profile, root: Path) -> str:
             folder = runs_dir(profile.name, earlier.stem, root, create=False)
             h.update((folder / FINGERPRINT).read_bytes() if (folder / FINGERPRINT).exists() else b"not run")
             for f in sorted(folder.rglob("*")) if folder.is_dir() else ():
-                if f.is_file():
+                if f.is_file() and f.suffix != ".html":  # the HTML export is a view, no later notebook reads it
                     h.update(f"{f.relative_to(folder).as_posix()} {f.stat().st_size} {f.stat().st_mtime_ns}".encode())
     return h.hexdigest()
 
@@ -147,6 +147,8 @@ def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, pro
         executed, saved, current = out_dir / nb.name, out_dir / FINGERPRINT, fingerprint(nb, loaded, root)
         if (not force and saved.exists() and saved.read_text() == current and executed.exists()
                 and load_metrics(out_dir)):
+            if html and not executed.with_suffix(".html").exists():  # the last run was --no-html
+                export_html(executed)
             summary.append({**before.get(nb.stem, {"notebook": nb.stem, "seconds": 0.0, "executed": str(executed)}),
                             "metrics": load_metrics(out_dir), "reused": True})
             tqdm.write(f"{nb.stem}: unchanged since its last run (same notebook, profile, code, libraries and "
