@@ -123,12 +123,9 @@ def generate(P) -> dict:
     base, refiner = english
     pair = params(base.unet, refiner.unet, base.vae, base.text_encoder, base.text_encoder_2)
     extra = sum(params(b.text_encoder, b.text_encoder_2) for name, (b, _) in models.items() if name != "English")
-    student = params(models["distilled"][0].text_encoder, models["distilled"][0].text_encoder_2)
-    # make_students builds each compared copy in float32, then it is cast to the pipelines' dtype: one such pair
-    # is alive in float32 for a moment
-    return {"bound_gib": ((pair + extra) * 2 + student * 4) / GIB, "unets": live_unets(), "models": len(models),
-            "bound": f"one base+refiner pair in bf16 + {len(models) - 1} Japanese text-encoder pairs in bf16 + one "
-                     f"such pair in fp32 while it is built"}
+    # make_students(dtype=None) builds each compared copy in the pipelines' dtype: no float32 pair, even for a moment
+    return {"bound_gib": (pair + extra) * 2 / GIB, "unets": live_unets(), "models": len(models),
+            "bound": f"one base+refiner pair in bf16 + {len(models) - 1} Japanese text-encoder pairs in bf16"}
 
 
 STAGES = {"build": build, "init": init, "distill": distill, "generate": generate}
