@@ -146,13 +146,15 @@ class Teachers:
         do not depend on what follows, so a batch the students compute through ``n`` positions needs no more (the
         pooled output reads the EOS position, which the trainer keeps inside ``n``). Cached, each sentence keeps the
         longest prefix computed so far and is computed again only when a batch asks for more."""
+        def through_n(texts):
+            ids = (self.token_ids(self.tokenizer)(texts)[:, :n], self.token_ids(self.tokenizer_2)(texts)[:, :n])
+            return forward(self.text_encoder, self.text_encoder_2, *ids)
+
         if self.cache is None:
-            ids = (token_ids(self.tokenizer, sentences)[:, :n], token_ids(self.tokenizer_2, sentences)[:, :n])
-            return forward(self.text_encoder, self.text_encoder_2, *ids).to(device, torch.float32)
+            return through_n(sentences).to(device, torch.float32)
         short = list(dict.fromkeys(s for s in sentences if s not in self.cache or len(self.cache[s].h1) < n))
         if short:
-            ids = (self.token_ids(self.tokenizer)(short)[:, :n], self.token_ids(self.tokenizer_2)(short)[:, :n])
-            out = forward(self.text_encoder, self.text_encoder_2, *ids).to(torch.float16)
+            out = through_n(short).to(torch.float16)
             for i, s in enumerate(short):
                 self.cache[s] = out[i]
         rows = [self.cache[s] for s in sentences]

@@ -140,17 +140,16 @@ def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, pro
 
     name, summary = loaded.name, []
     summary_path = runs_dir(name, root=root) / "summary.json"
-    before = {r["notebook"]: r for r in json.loads(summary_path.read_text(encoding="utf-8")).get("notebooks", [])
-              } if summary_path.exists() else {}
+    before = {r["notebook"]: r for r in read_summary(summary_path).get("notebooks", [])}
     for nb in tqdm(todo, desc=f"notebooks ({name})", disable=not progress):
         out_dir = runs_dir(name, nb.stem, root)
         executed, saved, current = out_dir / nb.name, out_dir / FINGERPRINT, fingerprint(nb, loaded, root)
-        if (not force and saved.exists() and saved.read_text() == current and executed.exists()
-                and load_metrics(out_dir)):
+        kept = load_metrics(out_dir) if not force and saved.exists() and executed.exists() else {}
+        if kept and saved.read_text() == current:
             if html and not executed.with_suffix(".html").exists():  # the last run was --no-html
                 export_html(executed)
             summary.append({**before.get(nb.stem, {"notebook": nb.stem, "seconds": 0.0, "executed": str(executed)}),
-                            "metrics": load_metrics(out_dir), "reused": True})
+                            "metrics": kept, "reused": True})
             tqdm.write(f"{nb.stem}: unchanged since its last run (same notebook, profile, code, libraries and "
                        f"inputs): reused; --force runs it again")
             continue
@@ -181,9 +180,14 @@ def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, pro
     return summary
 
 
+def read_summary(path: Path) -> dict:
+    """``summary.json`` as written by ``write_summary``, or ``{}`` before the first run."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
 def write_summary(path: Path, profile: str, rows: list[dict]) -> dict:
     """Merge this run's rows into ``summary.json``: entries of notebooks not run now are kept."""
-    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    old = read_summary(path)
     merged = {row["notebook"]: row for row in old.get("notebooks", [])} | {row["notebook"]: row for row in rows}
     notebooks_ = [merged[k] for k in sorted(merged)]
     summary = {"profile": profile, "total_seconds": round(sum(r["seconds"] for r in notebooks_), 1),

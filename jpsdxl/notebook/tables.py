@@ -118,6 +118,10 @@ def pair_view(setup, n: int = 5) -> list[dict]:
 def over_seeds(summaries: dict[str, dict], keys: Sequence[str]) -> dict[str, dict]:
     """Notebook 03's comparison table: for each variant (``distillation.summary`` of its runs over seeds), each
     metric's mean over the seeds and, beside it, the range the seeds spanned."""
-    return {name: {col: value for key in keys for col, value in (
-        (key, s[key]), (f"{key} (min-max)", "{:.4f}-{:.4f}".format(*s["spread"][key]) if s["seeds"] > 1 else ""))}
-        for name, s in summaries.items()}
+    table = {}
+    for name, s in summaries.items():
+        row = table[name] = {}
+        for key in keys:
+            row[key] = s[key]
+            row[f"{key} (min-max)"] = "{:.4f}-{:.4f}".format(*s["spread"][key]) if s["seeds"] > 1 else ""
+    return table
