@@ -233,8 +233,8 @@ def _exercise_toml(notebook: str) -> str:
 @pytest.mark.slow
 def test_exercise_profiles_run_as_written(tmp_path, splits):
     """Notebook 01's exercise 2: the [tokenizer] section it prints, pasted into a copy of tiny.toml, trains."""
-    from jpsdxl.core.profiles import PROFILE_DIR, load_profile
-    from jpsdxl.tokenization import japanese_tokenizers
+    from jpsdxl.core.profiles import PROFILE_DIR, TokenizerConfig, derive, load_profile
+    from jpsdxl.tokenization import VocabularyTooLarge, japanese_tokenizers
 
     tiny = (PROFILE_DIR / "tiny.toml").read_text()
     section = _exercise_toml("01_tokenizer_alignment.ipynb")
@@ -243,5 +243,11 @@ def test_exercise_profiles_run_as_written(tmp_path, splits):
     (tmp_path / "mytiny.toml").write_text(tiny[:start] + section + tiny[end:])
     profile = load_profile(tmp_path / "mytiny.toml")
     assert profile.tokenizer.vocab_size == 2000
-    tok, _ = japanese_tokenizers(profile, [ja for ja, _ in splits.train])
+    # 30,000 sentences: a quarter of the time, and still the ~2,500 distinct characters that make the default
+    # coverage fail at 2,000 pieces (the exercise's reason to set character_coverage)
+    texts = [ja for ja, _ in splits.train[:30_000]]
+    tok, _ = japanese_tokenizers(profile, texts)
     assert len(tok) == 2000
+    default = derive(profile, tokenizer={"character_coverage": TokenizerConfig.character_coverage})
+    with pytest.raises(VocabularyTooLarge, match="character_coverage"):
+        japanese_tokenizers(default, texts)
