@@ -55,6 +55,8 @@ MODELS = '[models]\nbase = "zoo:tiny/base"\nrefiner = "zoo:tiny/refiner"\n'
     ('name = "../../escaped"\n' + MODELS, "name = '../../escaped': a profile name becomes a folder"),
     (MODELS + '[data]\nvalid_fraction = 1.5\n', "valid_fraction = 1.5"),
     (MODELS + '[generate]\nsteps = 0\n', "generate.steps = 0: must be at least 1"),
+    (MODELS + '[distill]\ncompare_eval_pairs = 0\n', "distill.compare_eval_pairs = 0: must be at least 2"),
+    (MODELS + '[distill]\ncompare_steps = 0\n', "distill.compare_steps = 0: must be at least 1"),
     ('seed = \n', "not valid TOML"),
 ])
 def test_bad_profiles_name_the_file_and_key(tmp_path, body, message):

@@ -278,9 +278,9 @@ def _check_values(p: Profile, path: Path) -> None:
                             ("distill.grad_accum", d.grad_accum, 1), ("distill.eval_pairs", d.eval_pairs, 2),
                             ("distill.eval_every", d.eval_every, 1), ("distill.checkpoint_every", d.checkpoint_every, 1),
                             ("distill.keep_checkpoints", d.keep_checkpoints, 1), ("distill.warmup_steps", d.warmup_steps, 0),
-                            ("distill.compare_seeds", d.compare_seeds, 1),
-                            ("distill.compare_eval_pairs", d.compare_eval_pairs or 2, 2)):
-        if value < low:
+                            ("distill.compare_seeds", d.compare_seeds, 1), ("distill.compare_steps", d.compare_steps, 1),
+                            ("distill.compare_eval_pairs", d.compare_eval_pairs, 2)):
+        if value is not None and value < low:  # None: an optional setting left out (it falls back to another)
             bad(key, value, f"must be at least {low}")
     if d.batch_size % d.grad_accum:
         bad("distill.batch_size", d.batch_size, f"must be a multiple of distill.grad_accum ({d.grad_accum})")
