@@ -6,6 +6,7 @@ from_pretrained folders) except the GPU's precisions.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -267,8 +268,6 @@ def test_pad_positions_shortens_a_causal_students_loss_and_leaves_a_non_causal_o
 
 
 def test_comparison_runs_scale_the_warm_up_to_their_budget(setup):
-    import dataclasses
-
     p = setup.profile  # 6 steps; with a 6-step warm-up, a 3-step comparison would stop half-way up the ramp
     longer = dataclasses.replace(setup, profile=dataclasses.replace(p, distill=dataclasses.replace(
         p.distill, warmup_steps=6)))
@@ -518,10 +517,7 @@ def test_teacher_targets_through_n_positions_are_the_first_n_of_all_77(setup):
     sentence asked for more positions later is computed again, not served short."""
     sentences = ["a red circle", "two dogs are running on the beach this morning"]
     full = setup.teachers.encode(sentences)
-    cached = D.Teachers(setup.teachers.text_encoder, setup.teachers.text_encoder_2, setup.teachers.tokenizer,
-                        setup.teachers.tokenizer_2, cache={})
-    uncached = D.Teachers(*(getattr(setup.teachers, k) for k in ("text_encoder", "text_encoder_2", "tokenizer",
-                                                                  "tokenizer_2")))
+    cached, uncached = (dataclasses.replace(setup.teachers, cache=cache) for cache in ({}, None))
     for n in (14, 20, 77):  # 14: past the longer sentence's EOS
         for teachers, atol in ((uncached, 1e-5), (cached, 2e-3)):  # the cache keeps float16
             got = teachers.targets(sentences, "cpu", n)
