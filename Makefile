@@ -2,6 +2,7 @@
 #   make tutorial   set up, then run every notebook on the tiny profile (outputs in runs/tiny/)
 #   make test       set up, then run every test, each notebook executed once (CI runs this)
 #   make test-fast  every test but the notebooks' execution and the slow launchers: the inner loop
+#   make rehearse   the notebooks on `full` and `colab` rehearsed on this CPU, offline, against a stand-in hub (CI too)
 #   make lock       re-resolve pyproject.toml's ranges into requirements.lock (then read the diff, run make test)
 # Other profiles: make tutorial PROFILE=full HF_HUB_OFFLINE=0   (GPU and internet)
 
@@ -18,7 +19,7 @@ UV_SOURCES = $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/n
 # tiny never needs the model hub; offline mode makes any accidental hub call fail at once
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup tutorial test test-fast lock clean
+.PHONY: setup tutorial test test-fast rehearse lock clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +40,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not notebooks and not slow"
+
+rehearse: setup
+	$(BIN)/jpsdxl rehearse
 
 lock:
 	rm -rf .lock-venv

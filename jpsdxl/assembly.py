@@ -4,7 +4,9 @@
 ``StableDiffusionXLPipeline.from_pretrained`` / ``StableDiffusionXLImg2ImgPipeline.from_pretrained`` load, the way
 the published cl-tohoku/stable-diffusion-xl-jp-{base,refiner}-1.0 folders load: the refiner carries the Japanese
 ``text_encoder_2`` and ``tokenizer_2``. Unchanged components (UNets, VAE, scheduler) are links to the English
-pipeline's folders, and the refiner's text parts are links to the base's: nothing large is stored twice.
+pipeline's folders, and the refiner's text parts are links to the base's: nothing large is stored twice. So the
+profile's assembled model lives in the cache (``assembled_dir``), never in a runs folder: a Google Drive runs folder
+refuses links, and the model is rebuilt in seconds from stage 3's students.
 ``japanese_variants`` builds the models stage 4 compares; ``japanese_model`` is what ``jpsdxl generate`` draws with.
 
 This file does not run the pipelines (``generation.py``) or train the encoders (``distillation.py``).
@@ -173,6 +175,9 @@ def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, devi
         refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
             str(refiner_dir), dtype=dtype, variant=variant, text_encoder_2=base.text_encoder_2,
             tokenizer_2=base.tokenizer_2, vae=base.vae, **reuse[1])
+    for tok, te in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+        if tok is not None and te is not None:  # a tokenizer saved with its language model's length (LINE's: 2048)
+            tok.model_max_length = min(tok.model_max_length, te.config.max_position_embeddings)  # pads to that
     for pipe in (base, refiner):
         if offload:
             pipe.enable_model_cpu_offload(device=device)
@@ -252,6 +257,14 @@ def refiner_id(base_id: str) -> str:
     return f"{owner}/{name.replace('-base', '-refiner')}"
 
 
+def assembled_dir(profile) -> Path:
+    """Where the profile's assembled model lives: the cache (``$JPSDXL_CACHE/assembled/<profile>``), not the runs
+    folder, since its unchanged parts are links (which Google Drive refuses) and it is rebuilt from stage 3."""
+    from .core.runs import cache_dir
+
+    return cache_dir("assembled") / profile.name
+
+
 def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
     """The base and refiner folders ``jpsdxl generate`` draws with. ``model``: a folder holding base/ and refiner/,
     or hub ids (``BASE_ID`` with the refiner found by name, or ``BASE_ID,REFINER_ID``; fetched once, in the
@@ -260,7 +273,7 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
     import sys
 
     from .core.models import resolve_all
-    from .core.runs import require, stage_dir
+    from .core.runs import require
 
     if model is not None:
         folder = Path(model).expanduser()
@@ -270,14 +283,14 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
             return JapaneseModel(folder / "base", folder / "refiner")
         if folder.exists() or str(model).count("/") != str(model).count(",") + 1:
             raise FileNotFoundError(f"--model {model}: not a folder holding base/ and refiner/ (notebook 04 writes "
-                                    f"runs/<profile>/04_generation/model; assembly.assemble makes one), nor hub ids "
+                                    f"~/.cache/jpsdxl/assembled/<profile>; assembly.assemble makes one), nor hub ids "
                                     f"(owner/name, or base,refiner)")
         base_id, _, refiner = str(model).partition(",")
         variant = profile.models.variant
         found = resolve_all({"Japanese SDXL base": (base_id, "pipeline", variant),
                              "Japanese SDXL refiner": (refiner or refiner_id(base_id), "pipeline", variant)})
         return JapaneseModel(found["Japanese SDXL base"], found["Japanese SDXL refiner"], variant)
-    out = stage_dir(profile, "generate") / "model"
+    out = assembled_dir(profile)
     students = require(profile, "distill", *TEXT_PARTS)  # no trained encoders yet: says to run `jpsdxl distill`
     if (out / "base").is_dir() and (out / "refiner").is_dir():
         recorded = json.loads((out / "source.json").read_text()) if (out / "source.json").exists() else {}

@@ -59,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-html", action="store_true", help="skip the HTML export")
     run.add_argument("--force", action="store_true", help="execute every notebook, even one whose inputs, code and "
                                                           "settings have not changed since its last run (reused)")
+    reh = sub.add_parser("rehearse", help="run the notebooks on rehearse-full and rehearse-colab: `full` and `colab` "
+                                          "on this CPU, offline, against a stand-in hub laid out like the real repos")
+    reh.add_argument("--hub", default=None, help="the stand-in hub's folder, written first if missing (default: "
+                                                 "<cache>/standin-hub); never a real Hugging Face cache")
+    reh.add_argument("--build-hub", action="store_true", help="only write the stand-in hub, then print its folder")
+    reh.add_argument("--profiles", nargs="*", default=["rehearse-full", "rehearse-colab"])
+    reh.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 03 04")
+    reh.add_argument("--runs", default=None, help="output root (default: <repo>/runs)")
     prep = sub.add_parser("prepare", help="fetch data and models, build the zoo, the Japanese tokenizer and stage 2's "
                                           "mapping: everything slow that the notebooks would do on first use")
     prep.add_argument("--profile", default="tiny")
@@ -126,6 +134,33 @@ def _run(args) -> int:
     ran = [r for r in summary if not r.get("reused")]
     print(f"{len(summary)} notebooks, {sum(r['seconds'] for r in ran):.1f} s"
           + (f" ({len(summary) - len(ran)} unchanged since their last run, reused)" if len(ran) < len(summary) else ""))
+    return 0
+
+
+def _rehearse(args) -> int:
+    """The stand-in hub, then every notebook on each rehearsal profile, offline: a table of time and peak memory."""
+    import os
+
+    from .core.runs import cache_dir
+
+    hub = Path(args.hub).expanduser().resolve() if args.hub else cache_dir() / "standin-hub"
+    # before anything reads huggingface_hub's constants: every hub id resolves in the stand-in, and only there
+    os.environ.update(HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    from .rehearsal import build_hub
+    from .runner import NotebookFailed, run_notebooks
+
+    print(f"stand-in hub: {build_hub(hub)}", flush=True)
+    if args.build_hub:
+        return 0
+    for profile in args.profiles:
+        try:
+            summary = run_notebooks(profile, args.only, args.runs, html=False)
+        except NotebookFailed as e:
+            print(f"error: {profile}: {e}", file=sys.stderr)
+            return 1
+        for row in summary:
+            print(f"{profile:16} {row['notebook']:24} {row['seconds']:7.1f} s  peak {row.get('peak_rss_mb', '?')} MB"
+                  + ("  (reused)" if row.get("reused") else ""))
     return 0
 
 
@@ -283,7 +318,7 @@ def _generate(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "prepare": _prepare, "tokenizer": _tokenizer, "init": _init, "distill": _distill,
+COMMANDS = {"run": _run, "rehearse": _rehearse, "prepare": _prepare, "tokenizer": _tokenizer, "init": _init, "distill": _distill,
             "generate": _generate, "train-shapes": _train_shapes, "env": _env, "profiles": _profiles}
 
 

@@ -236,6 +236,24 @@ def _file_reader(path: Path):
     return None
 
 
+def _offline_snapshot(name: str) -> str:
+    """The one seam between datasets and the hub cache: datasets streams a hub dataset only online, so offline
+    (``HF_HUB_OFFLINE=1``) a hub id is read from its cached snapshot folder (``hf download --repo-type dataset``,
+    or the rehearsal's stand-in hub) through the same ``load_dataset``. Online, or a local path: ``name`` as it is."""
+    from .core.hub import is_offline
+
+    if not is_offline() or Path(name).expanduser().exists() or name.count("/") != 1:
+        return name
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError) as e:
+        raise ConnectionError(f"HF_HUB_OFFLINE=1 and dataset {name} is not in the local Hugging Face cache "
+                              f"({type(e).__name__})") from None
+
+
 def iter_pairs_datasets(
     name: str, ja_field: str = "ja", en_field: str = "en", split: str = "train", streaming: bool = True,
     report: BadLines | None = None, shard: tuple[int, int] | None = None, **load_kwargs,
@@ -264,7 +282,7 @@ def iter_pairs_datasets(
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split, streaming=streaming, **load_kwargs)
+        ds = datasets.load_dataset(_offline_snapshot(name), split=split, streaming=streaming, **load_kwargs)
         if shard:
             from datasets.distributed import split_dataset_by_node
 

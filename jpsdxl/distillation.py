@@ -501,10 +501,15 @@ def _forward_backward(accelerator, model, students: Students, teachers: Teachers
     return accelerator.reduce(torch.tensor([totals[t] for t in TARGETS], device=accelerator.device), "mean")
 
 
+MAX_OVERFLOWS = 20  # fp16: overflowed steps in a row the loss scaler may skip (its scale halves each time) before
+#                    training stops: a few are how fp16 finds its scale, twenty in a row is divergence
+
+
 def _non_finite(reduced: torch.Tensor, norm, step: int, folder: Path | None, precision: str) -> NonFiniteLoss:
     last = latest_checkpoint(folder) if folder else None
     # bf16 keeps fp32's range; only suggest it where the card has it (a T4, sm75, has not)
-    bf16 = precision == "fp16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = (precision == "fp16" and torch.cuda.is_available()  # in hardware: emulated bf16 (a T4's) is slow
+            and torch.cuda.is_bf16_supported(including_emulation=False))
     return NonFiniteLoss(
         f"the training loss became {reduced.sum().item()} (gradient norm {float(norm)}) at step {step + 1}: training "
         f"stopped before the step was taken. "
@@ -555,7 +560,7 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     # them can overflow the kernel's message queue (nbval then misses the end of the cell)
     bar = tqdm(total=cfg.steps, initial=step, desc="distillation", mininterval=1.0,
                disable=not progress or not accelerator.is_main_process)
-    started, first_step, evaluating = time.perf_counter(), step, 0.0
+    started, first_step, evaluating, overflows = time.perf_counter(), step, 0.0, 0
     ids = tuple(teachers.token_ids(t) for t in (students.tokenizer, students.tokenizer_2, teachers.tokenizer))
     model.train()
     for batch in batches(stream, cfg.batch_size, rank, world, pairs.streamed):
@@ -563,9 +568,11 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
             break
         reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg, ids)
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        if not (torch.isfinite(reduced).all() and torch.isfinite(norm)):  # a weighted term or a gradient overflowed
+        finite = bool(torch.isfinite(reduced).all() and torch.isfinite(norm))  # a term or a gradient overflowed?
+        if not finite and (accelerator.scaler is None or overflows >= MAX_OVERFLOWS):
             raise _non_finite(reduced, norm, step, folder, accelerator.mixed_precision)
-        optimizer.step()
+        optimizer.step()  # fp16: the loss scaler skips a step whose gradients overflowed and lowers its scale
+        overflows = 0 if finite else overflows + 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

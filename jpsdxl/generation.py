@@ -30,7 +30,7 @@ def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=No
     from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     profile.check_device()  # before anything large is built or downloaded
-    dtype, device, m = profile.torch_dtype(), profile.torch_device(), profile.models
+    dtype, m = profile.torch_dtype(), profile.models
     swap = {k: v for k, v in dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                                   tokenizer_2=tokenizer_2).items() if v is not None}
     swap = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in swap.items()}
@@ -44,10 +44,23 @@ def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=No
         refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
             folders["SDXL refiner"], dtype=dtype, **variant,
             text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae)
+    place(profile, base, refiner)
     for pipe in (base, refiner):
-        pipe.to(device)
         pipe.set_progress_bar_config(disable=not progress)
     return base, refiner
+
+
+def place(profile, base, refiner) -> None:
+    """Put both pipelines where the profile runs them: on its device, or, with ``generate.offload`` on a CUDA
+    device, under model CPU offload with VAE tiling and slicing (each component moves to the GPU only while it runs:
+    what lets a 16 GB card draw SDXL at 1024²). Without CUDA there is nothing to offload to: the device it is."""
+    device = profile.torch_device()
+    if profile.generate.offload and device.type == "cuda":
+        for option in MEMORY_OPTIONS[1:]:
+            apply_memory_option(base, refiner, option, device)
+    else:
+        base.to(device)
+        refiner.to(device)
 
 
 def with_text_parts(pipelines, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
@@ -116,30 +129,42 @@ def batched(items, size: int) -> list[list]:
 
 
 def generate(profile, base, refiner, prompt, refine: bool = True, **overrides):
-    """``two_stage`` with the profile's sizes, steps and guidance (keyword arguments override them).
+    """``two_stage`` with the profile's sizes, steps and guidance (keyword arguments override them), in calls of
+    at most ``generate.batch_size`` prompts (the memory of one call grows with it: 1 on a 16 GB card at 1024²).
 
     ``refine=False``: ``base_only`` with the same settings; returns (images, None).
     """
     g = profile.generate
     kw = dict(steps=g.steps, guidance_scale=g.guidance_scale, high_noise_frac=g.high_noise_frac, height=g.height,
               width=g.width, seed=profile.seed) | overrides
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not refine:
         kw.pop("high_noise_frac")
-        return base_only(base, prompt, **kw), None
-    return two_stage(base, refiner, prompt, **kw)
+        return _joined([base_only(base, part, **kw) for part in batched(prompts, g.batch_size)]), None
+    images, latents = zip(*(two_stage(base, refiner, part, **kw) for part in batched(prompts, g.batch_size)))
+    return _joined(images), _joined(latents)
+
+
+def _joined(parts: list):
+    """The batches' outputs as one: PIL lists added, arrays and tensors concatenated along the batch."""
+    import numpy as np
+
+    if isinstance(parts[0], list):
+        return [image for part in parts for image in part]
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(list(parts))
 
 
 MEMORY_OPTIONS = ("plain", "vae tiling + slicing", "model CPU offload")  # in order of cost, cumulative
 
 
-def apply_memory_option(base, refiner, option: str) -> None:
+def apply_memory_option(base, refiner, option: str, device="cuda") -> None:
     """One of ``MEMORY_OPTIONS``, in place: VAE tiling and slicing (decode large or batched images in pieces), or
     model CPU offload (each component moves to the GPU only while it runs; needs CUDA)."""
     if option == "vae tiling + slicing":
         base.vae.enable_tiling()  # the refiner shares this VAE
         base.vae.enable_slicing()
     elif option == "model CPU offload":
-        base.enable_model_cpu_offload()
-        refiner.enable_model_cpu_offload()
+        base.enable_model_cpu_offload(device=device)
+        refiner.enable_model_cpu_offload(device=device)
     elif option != "plain":
         raise ValueError(f"unknown memory option {option!r}; the options are {', '.join(MEMORY_OPTIONS)}")

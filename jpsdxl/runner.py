@@ -96,6 +96,39 @@ def fingerprint(notebook: Path, profile, root: Path) -> str:
     return h.hexdigest()
 
 
+class PeakMemory:
+    """The largest resident memory of this process's children (the notebook's kernel) while the block runs, in MB,
+    sampled every 0.2 s by a thread (``psutil``): what a notebook needs of the machine's RAM."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.mb = every, 0.0
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        me, self._stop = psutil.Process(), threading.Event()
+
+        def sample():
+            while not self._stop.wait(self.every):
+                rss = 0
+                for child in me.children(recursive=True):
+                    try:
+                        rss += child.memory_info().rss
+                    except psutil.Error:  # a child that ended between listing and reading
+                        pass
+                self.mb = max(self.mb, round(rss / 2**20, 1))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_root: str | Path | None = None,
                   notebook_dir: str | Path = NOTEBOOK_DIR, html: bool = True, progress: bool = True,
                   force: bool = False) -> list[dict]:
@@ -157,12 +190,13 @@ def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, pro
         (out_dir / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(nb), str(executed), parameters={"profile": str(profile),
-                                       "run_dir": str(out_dir)}, cwd=str(nb.parent), progress_bar=False,
-                                       kernel_name="python3",
-                                       # the kernel's "running over TCP without encryption" notice is noise on a
-                                       # kernel that only this process talks to, on this machine
-                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            with PeakMemory() as peak:
+                    papermill.execute_notebook(str(nb), str(executed), parameters={"profile": str(profile),
+                                           "run_dir": str(out_dir)}, cwd=str(nb.parent), progress_bar=False,
+                                           kernel_name="python3",
+                                           # the kernel's "running over TCP without encryption" notice is noise on
+                                           # a kernel that only this process talks to, on this machine
+                                           extra_arguments=["--IPKernelApp.log_level=ERROR"])
         except papermill.PapermillExecutionError as e:
             raise NotebookFailed(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                                  f"The executed copy with the traceback: {executed}") from None
@@ -172,7 +206,8 @@ def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, pro
         metrics = load_metrics(out_dir)
         if not metrics:
             raise NotebookFailed(f"{nb.name} ran but saved no metrics.json in {out_dir}")
-        summary.append({"notebook": nb.stem, "seconds": seconds, "executed": str(executed), "metrics": metrics})
+        summary.append({"notebook": nb.stem, "seconds": seconds, "peak_rss_mb": peak.mb, "executed": str(executed),
+                        "metrics": metrics})
         with atomic_path(saved) as tmp:
             tmp.write_text(current)
         tqdm.write(f"{nb.stem}: {seconds:.1f} s")

@@ -2,10 +2,14 @@
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the Hugging Face cache of every test is the stand-in hub (jpsdxl/rehearsal.py, built by the `standin_hub` fixture):
+# set before any library reads it, so that a hub id in `full` or `colab` resolves there through the real loaders
+os.environ["HF_HUB_CACHE"] = str(Path(os.environ.get("JPSDXL_CACHE", "~/.cache/jpsdxl")).expanduser() / "standin-hub")
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +49,11 @@ def pipelines(tiny):
     from jpsdxl.generation import load_pipelines
 
     return load_pipelines(tiny)
+
+
+@pytest.fixture(scope="session")
+def standin_hub():
+    """The stand-in hub (every repository `full` and `colab` name, small and random), built once per cache."""
+    from jpsdxl.rehearsal import build_hub
+
+    return build_hub(os.environ["HF_HUB_CACHE"])

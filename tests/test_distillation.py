@@ -546,3 +546,14 @@ def test_the_teachers_mean_pooled_output_reads_only_what_pools(setup):
     full = setup.teachers.encode(sentences).pooled.mean(0)
     short = D.mean_pooled(setup.teachers.text_encoder_2, setup.teachers.tokenizer_2, sentences, batch_size=64)
     assert torch.allclose(short, full, atol=1e-5)
+
+
+def test_bf16_is_suggested_only_where_the_card_has_it_in_hardware(monkeypatch):
+    """A T4 (sm75) says yes to is_bf16_supported() by emulation: an fp16 overflow there must not be answered with
+    'use bf16', which would run emulated and slow."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    message = str(D._non_finite(torch.tensor([float("inf")]), float("inf"), 0, None, "fp16"))
+    assert "bf16" not in message
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert "mixed_precision = 'bf16'" in str(D._non_finite(torch.tensor([float("inf")]), float("inf"), 0, None, "fp16"))

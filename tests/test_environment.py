@@ -133,7 +133,7 @@ LAYERS = [
     ["jpsdxl.generation", "jpsdxl.assembly"],  # stage 4
     ["jpsdxl.shapes.training", "jpsdxl.notebook", "jpsdxl.notebook.overview", "jpsdxl.notebook.tables",
      "jpsdxl.notebook.measure", "jpsdxl.notebook.costs", "jpsdxl.notebook.plotting", "jpsdxl.notebook.colab"],
-    ["jpsdxl.runner", "jpsdxl.cli"],
+    ["jpsdxl.runner", "jpsdxl.rehearsal", "jpsdxl.cli"],
 ]
 
 

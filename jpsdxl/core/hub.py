@@ -53,7 +53,13 @@ def _download(spec: str, kind: str, variant: str | None) -> Path:
     if kind == "pipeline":
         from diffusers import DiffusionPipeline
 
-        return Path(DiffusionPipeline.download(spec, variant=variant, use_safetensors=True, local_files_only=offline))
+        try:
+            return Path(DiffusionPipeline.download(spec, variant=variant, use_safetensors=True,
+                                                   local_files_only=offline))
+        except ValueError as e:  # diffusers refuses a variant the repo lacks (SD-XL 1.0-jp has plain files only):
+            if not variant or "no such modeling files are available" not in str(e):  # take the plain files then
+                raise
+        return Path(DiffusionPipeline.download(spec, use_safetensors=True, local_files_only=offline))
     from huggingface_hub import snapshot_download
 
     patterns = {"model": model_files(variant), "tokenizer": TOKENIZER_FILES,

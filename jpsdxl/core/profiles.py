@@ -9,7 +9,11 @@ Shipped profiles:
 
 * ``tiny``        offline, CPU, minutes: tiny random-init SDXL built locally (the default; what CI runs).
 * ``full``        the real recipe: SDXL 1.0 base/refiner and the LINE tokenizer from the hub, on a GPU.
+* ``colab``       ``full`` sized for a 16 GB Colab card (``extends = "full"``).
 * ``full-random`` the real SDXL shapes with random weights, built locally: speed and memory without downloads.
+* ``rehearse-full``, ``rehearse-colab``  ``full`` and ``colab`` on a CPU, against the stand-in hub (rehearsal.py).
+
+A profile may ``extends = "<profile>"``: it then holds only what differs, section by section.
 
 A profile is checked when it is loaded: unknown or missing keys, wrong types and impossible values are errors
 that name the file and the key. Relative paths in a profile (a data file, a model folder) are read against the
@@ -132,7 +136,8 @@ class GenerateConfig:
     guidance_scale: float = 7.5
     high_noise_frac: float = 0.8  # base denoises [0, 0.8), the refiner [0.8, 1]
     clip_model: str | None = None  # CLIP score of stage 4's images: an open_clip "<architecture>/<pretrained tag>"
-    batch_size: int = 4  # images per pipeline call when a notebook measures many (memory grows with it at 1024²)
+    batch_size: int = 4  # images per pipeline call, everywhere stage 4 draws many (memory grows with it at 1024²)
+    offload: bool = False  # CUDA: model CPU offload + VAE tiling/slicing (one component on the GPU at a time)
 
 
 @dataclass(frozen=True)
@@ -310,6 +315,43 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from None
+
+
+def _read_extended(path: Path, seen: tuple[Path, ...]) -> dict:
+    """A profile file's keys over those of the profile it ``extends`` (a shipped profile's name, or a .toml path
+    relative to this file), section by section: a section it names keeps every key of the parent's it leaves out.
+    Relative paths are made absolute against the file that wrote them, so a parent's paths stay its own."""
+    if path in seen:
+        raise ProfileError(f"{path}: extends itself through {' -> '.join(str(p) for p in seen)}")
+    raw = _read_toml(path)
+    for key in ("data", "tokenizer", "models"):  # relative paths: against the file that wrote them, not the cwd
+        if isinstance(raw.get(key), dict):
+            raw[key] = {k: (_local(v, path.parent) if k in _PATH_KEYS and isinstance(v, str) else v)
+                        for k, v in raw[key].items()}
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ProfileError(f"{path}: extends = {parent!r}: give a profile's name or a .toml path, in quotes")
+    parent_path = (path.parent / parent if parent.endswith(".toml") else PROFILE_DIR / f"{parent}.toml").resolve()
+    if not parent_path.is_file():
+        raise ProfileError(f"{path}: extends = {parent!r}: no such profile; pick one of {available_profiles()} or "
+                           f"the path of a .toml file")
+    merged = _read_extended(parent_path, seen + (path,))
+    merged.pop("name", None)  # a profile's name is its own file's (or its own name = ...)
+    for key, value in raw.items():
+        merged[key] = merged[key] | value if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+_PATH_KEYS = ("base", "refiner", "vae", "pairs", "source")  # the keys _local reads against the profile's folder
+
+
 def load_profile(name_or_path: str | Path | Profile = "tiny") -> Profile:
     """Load a shipped profile by name (``"tiny"``) or any profile TOML file by path (relative to the cwd)."""
     if isinstance(name_or_path, Profile):
@@ -326,25 +368,13 @@ def load_profile(name_or_path: str | Path | Profile = "tiny") -> Profile:
             f"shaped like {PROFILE_DIR / 'tiny.toml'}."
         )
     path = path.resolve()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    raw = _read_extended(path, ())
     raw.setdefault("name", path.stem)
     if "models" not in raw:
         raise ProfileError(f"{path}: a profile needs a [models] section naming base and refiner")
     for key, cls in _SECTIONS.items():
         if key in raw:
             raw[key] = _build(cls, raw[key], key, path)
-    # paths inside a profile are relative to the profile file, not to wherever the reader happens to run
-    folder = path.parent
-    raw["models"] = dataclasses.replace(raw["models"], base=_local(raw["models"].base, folder),
-                                        refiner=_local(raw["models"].refiner, folder),
-                                        vae=_local(raw["models"].vae, folder))
-    if "data" in raw:
-        raw["data"] = dataclasses.replace(raw["data"], pairs=_local(raw["data"].pairs, folder))
-    if "tokenizer" in raw:
-        raw["tokenizer"] = dataclasses.replace(raw["tokenizer"], source=_local(raw["tokenizer"].source, folder))
     raw["source"] = str(path)
     profile = _build(Profile, raw, "the top level", path)
     _check_values(profile, path)

@@ -72,10 +72,12 @@ def memory_by_option(profile, base, refiner, prompt: str) -> list[dict]:
 
 
 def stage_seconds(profile, base, refiner, prompts, **overrides) -> dict:
-    """Wall-clock seconds of the base stage and of the refiner stage for one batch of ``prompts``."""
+    """Wall-clock seconds of the base stage and of the refiner stage for one batch: the first
+    ``generate.batch_size`` of ``prompts``."""
     import time
 
     g = profile.generate
+    prompts = list(prompts)[:g.batch_size]
     kw = dict(num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height, width=g.width) | overrides
     sync = torch.cuda.synchronize if profile.torch_device().type == "cuda" else (lambda: None)
     sync()
@@ -123,7 +125,8 @@ def load_clip(model: str = "ViT-L-14/openai", device: str | torch.device = "cpu"
     (fetched from the hub on first use; a bare architecture name gives random weights, for tests only)."""
     import open_clip
 
-    name, _, pretrained = model.partition("/")
+    # "hf-hub:<repo>" reads the architecture from the repo's open_clip_config.json (the rehearsal's stand-in CLIP)
+    name, _, pretrained = (model, "", "") if model.startswith("hf-hub:") else model.partition("/")
     net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
     return net.eval(), preprocess, open_clip.get_tokenizer(name)
 

@@ -49,7 +49,7 @@ def environment_report() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         report.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                      bf16=torch.cuda.is_bf16_supported())
+                      bf16=torch.cuda.is_bf16_supported(including_emulation=False))
     return report
 
 

@@ -29,7 +29,7 @@ __all__ = [
     "IMAGE_SIZE", "COLOURS", "SHAPES", "ENGLISH_TEMPLATES", "JAPANESE_TEMPLATES", "HELD_OUT_COMBINATIONS",
     "HELD_OUT_JAPANESE_TEMPLATES", "combinations", "english_captions", "japanese_captions", "caption_pairs",
     "held_out_prompts", "held_out_kinds", "Shape", "render", "random_shape", "sample", "PALETTE_HUES", "Verdict",
-    "judge", "marks", "score", "english_prompts", "EVAL_SEEDS"
+    "judge", "marks", "score", "english_prompts", "EVAL_SEEDS", "draws_shapes", "judged_seeds", "judged_sample"
 ]
 
 IMAGE_SIZE = 32
@@ -234,5 +234,25 @@ def english_prompts() -> tuple[list[str], list[tuple[str, str]]]:
 
 
 EVAL_SEEDS = tuple(range(1000, 1008))  # never used in training (its generators are seeded 0-500)
+
+
+def draws_shapes(profile) -> bool:
+    """Is the profile's SDXL the one trained on this world (the zoo's ``shapes`` recipe)? Only then does the judge
+    read anything meaningful in its images; a real SDXL draws a red circle its own way, at 1024²."""
+    return profile.models.base.startswith("zoo:shapes/")
+
+
+def judged_seeds(profile, seeds: int = len(EVAL_SEEDS)) -> tuple[int, ...]:
+    """The first ``seeds`` evaluation seeds in the shapes world; one on any other model, where the judge's numbers
+    say nothing and the images only show the pipeline at work (each seed is an image per prompt, at 1024²)."""
+    return EVAL_SEEDS[:seeds] if draws_shapes(profile) else EVAL_SEEDS[:1]
+
+
+def judged_sample(profile, prompts: list, targets: list, seeds: int = len(EVAL_SEEDS)) -> tuple[list, list, tuple]:
+    """(prompts, targets, seeds) a notebook draws for the judge: all of them in the shapes world; on any other model
+    the first six prompts with one seed, at a bounded cost (every combination with eight seeds is 144 images, hours
+    at 1024² on a T4)."""
+    keep = None if draws_shapes(profile) else 6
+    return list(prompts)[:keep], list(targets)[:keep], judged_seeds(profile, seeds)
 
 

@@ -1,0 +1,111 @@
+"""The `full` and `colab` loading paths, through the stand-in hub: the libraries' own offline code (diffusers'
+variant filtering over the cached tree listing, transformers' and sentence-transformers' readers, datasets), no
+monkeypatched download. The notebooks themselves run on the rehearsal profiles in `make rehearse`."""
+
+import json
+
+import pytest
+
+from jpsdxl.core.profiles import ProfileError, load_profile
+from jpsdxl.rehearsal import E5, JP_BASE, LINE, SDXL_BASE
+
+
+def test_standin_hub_holds_real_layouts(standin_hub):
+    base = next((standin_hub / f"models--{SDXL_BASE.replace('/', '--')}" / "snapshots").iterdir())
+    names = {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file() or p.is_symlink()}
+    assert {"unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors",
+            "tokenizer/vocab.json", "tokenizer/merges.txt", "sd_xl_base_1.0.safetensors"} <= names
+    commit = base.name
+    tree = json.loads((base.parents[1] / "trees" / f"{commit}.json").read_text())["files"]
+    assert set(tree) == names  # the cached listing diffusers filters offline
+    published = next((standin_hub / f"models--{JP_BASE.replace('/', '--')}" / "snapshots").iterdir())
+    assert not list(published.rglob("*.fp16.*")) and (published / "tokenizer" / "spiece.model").exists()
+
+
+def test_every_model_of_full_and_colab_resolves_offline(standin_hub):
+    from jpsdxl.core.models import resolve_profile
+
+    for name in ("full", "colab"):
+        folders = resolve_profile(load_profile(name))
+        assert set(folders) == {"SDXL base", "SDXL refiner", "VAE", "Japanese tokenizer", "embedder"}
+    unet = folders["SDXL base"] / "unet"
+    assert (unet / "diffusion_pytorch_model.fp16.safetensors").exists()
+
+
+def test_published_model_by_hub_id_loads_without_an_fp16_variant(standin_hub):
+    """The card's SD-XL 1.0-jp holds plain weight files only: with the profile's variant = "fp16", diffusers refuses
+    it ('no such modeling files are available'); it must then load its plain files, not drop out."""
+    from jpsdxl.assembly import japanese_model, load_assembled
+
+    profile = load_profile("rehearse-colab")
+    assert profile.models.variant == "fp16"
+    model = japanese_model(profile, JP_BASE)
+    base, refiner = load_assembled(model)
+    assert base.text_encoder.config.vocab_size == 51200 and refiner.text_encoder is None
+    assert base.tokenizer.model_max_length <= 77  # pads to the encoder's positions, whatever its config says
+
+
+@pytest.mark.slow
+def test_generate_draws_with_the_published_model_by_hub_id(standin_hub, tmp_path):
+    from PIL import Image
+
+    from jpsdxl.cli import main
+
+    out = tmp_path / "kitten.png"
+    assert main(["generate", "かわいすぎる子猫", "--profile", "rehearse-full", "--model", JP_BASE,
+                 "--out", str(out), "--steps", "2"]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_streamed_dataset_reads_offline_from_the_cached_snapshot(standin_hub):
+    from jpsdxl.data import load_pairs
+
+    splits = load_pairs(load_profile("rehearse-full"))
+    first = next(iter(splits.test))
+    assert all(isinstance(side, str) and side for side in first)
+
+
+def test_line_tokenizer_and_e5_embedder_load_from_the_standin(standin_hub):
+    from jpsdxl.embedding_init import make_embedder
+    from jpsdxl.tokenization import japanese_tokenizers
+
+    profile = load_profile("rehearse-full")
+    assert profile.tokenizer.source == LINE and profile.init.embedder == f"st:{E5}"
+    tok, tok_2 = japanese_tokenizers(profile)
+    assert tok.eos_token_id != 2 and tok("猫")["input_ids"][-1] == tok.eos_token_id  # LINE's EOS 2 moved
+    vectors = make_embedder(profile.init.embedder).encode(["猫", "cat"])
+    assert vectors.shape[0] == 2 and abs(float((vectors[0] ** 2).sum()) - 1) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# profiles that extend others
+
+
+def test_colab_extends_full_and_keeps_what_it_does_not_change():
+    full, colab = load_profile("full"), load_profile("colab")
+    assert colab.models == full.models and colab.data == full.data and colab.init == full.init
+    assert colab.distill.optimizer == "adamw8bit" and colab.distill.lr == full.distill.lr
+    assert colab.generate.offload and colab.generate.steps == 30 and colab.generate.height == full.generate.height
+    rehearsal = load_profile("rehearse-colab")
+    assert rehearsal.device == "cpu" and rehearsal.models == colab.models and rehearsal.distill.gradient_checkpointing
+
+
+def test_extends_reads_paths_against_the_file_that_wrote_them(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "pairs.tsv").write_text("猫\tcat\n", encoding="utf-8")
+    (tmp_path / "a" / "parent.toml").write_text('description = "p"\n[models]\nbase = "zoo:tiny/base"\n'
+                                                'refiner = "zoo:tiny/refiner"\n[data]\npairs = "pairs.tsv"\n')
+    (tmp_path / "child.toml").write_text('extends = "a/parent.toml"\n[generate]\nsteps = 3\n')
+    child = load_profile(tmp_path / "child.toml")
+    assert child.name == "child" and child.generate.steps == 3 and child.description == "p"
+    assert child.data.pairs == str(tmp_path / "a" / "pairs.tsv")
+
+
+def test_extends_refuses_a_loop_and_a_missing_parent(tmp_path):
+    (tmp_path / "x.toml").write_text('extends = "y.toml"\n')
+    (tmp_path / "y.toml").write_text('extends = "x.toml"\n')
+    with pytest.raises(ProfileError, match="extends itself"):
+        load_profile(tmp_path / "x.toml")
+    (tmp_path / "z.toml").write_text('extends = "nope"\n')
+    with pytest.raises(ProfileError, match="no such profile"):
+        load_profile(tmp_path / "z.toml")
