@@ -161,6 +161,12 @@ def _rehearse(args) -> int:
         for row in summary:
             print(f"{profile:16} {row['notebook']:24} {row['seconds']:7.1f} s  peak {row.get('peak_rss_mb', '?')} MB"
                   + ("  (reused)" if row.get("reused") else ""))
+        folder = Path(summary[0]["executed"]).parents[1]
+        links = [str(p) for p in folder.rglob("*") if p.is_symlink()]
+        if links:  # a Google Drive runs folder refuses links: a stage that writes one fails on Colab
+            print(f"error: {profile}: links in the runs folder, which Google Drive refuses: {links[:3]}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

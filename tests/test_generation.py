@@ -166,3 +166,24 @@ def test_judged_generation_in_bounded_batches_draws_the_same_images(tiny, pipeli
     scores_large, images_large = measure.evaluate(large, base, refiner, prompts, targets, seeds=(1000,))
     assert calls == [5, 5, 5, 3]
     assert np.abs(images_small.astype(int) - images_large.astype(int)).max() <= 1 and scores_small == scores_large
+
+
+def test_generate_draws_in_calls_of_the_profiles_batch_size(tiny):
+    """colab draws at 1024² one image per call: a list of prompts must never go to the UNet in one batch."""
+    from types import SimpleNamespace
+
+    from jpsdxl.core.profiles import derive
+    from jpsdxl.generation import generate
+
+    calls = []
+
+    def pipe(prompt, output_type="pil", **kw):
+        calls.append(len(prompt))
+        return SimpleNamespace(images=torch.full((len(prompt), 4, 2, 2), float(len(calls))))
+
+    profile = derive(tiny, generate={"batch_size": 2})
+    images, latents = generate(profile, pipe, pipe, ["a", "b", "c", "d", "e"], output_type="latent")
+    assert calls == [2, 2, 2, 2, 1, 1] and images.shape[0] == latents.shape[0] == 5
+    calls.clear()
+    assert generate(profile, pipe, pipe, ["a", "b", "c"], refine=False, output_type="latent")[0].shape[0] == 3
+    assert calls == [2, 1]
