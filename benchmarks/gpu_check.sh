@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| diffusers', diffusers.__version__)"
 start=$(date +%s)
-python3 -c "from jpsdxl.hub import resolve; print(resolve('zoo:sdxl/base'))"
+python3 -c "from jpsdxl.core.models import resolve; print(resolve('zoo:sdxl/base'))"
 echo "zoo:sdxl built in $(( $(date +%s) - start )) s"
 python3 benchmarks/generation_speed.py --profile full-random --images 1
 python3 benchmarks/generation_speed.py --profile full-random --images 4

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .core.models import resolve_profile
+from .core.models import PIPELINE_ROLES, resolve_profile
 from .core.runs import quiet_hf_progress
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -57,7 +57,7 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
     from .core.runs import atomic_path, write_json
 
     students_dir = _students(students_dir)
-    folders = resolve_profile(profile)
+    folders = resolve_profile(profile, PIPELINE_ROLES)
     english = {"base": Path(folders["SDXL base"]), "refiner": Path(folders["SDXL refiner"])}
     # the profile's replacement VAE (full: the fp16-safe one) is the one the English baseline decodes with too
     vae = Path(folders["VAE"]) if "VAE" in folders else None

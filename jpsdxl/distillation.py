@@ -705,7 +705,7 @@ def run(profile, out: str | Path | None = None, resume: bool = True, progress: b
     out = ensure_writable(Path(out).resolve() if out else stage_dir(profile, "distill"), "--out")
     result = distil(prepare(profile), out, resume=resume, progress=progress, **overrides)
     if PartialState().is_main_process:
-        save_students(result.students, out)
+        save_students(result.students, out, profile.torch_dtype())
     return result
 
 
@@ -761,13 +761,18 @@ def compare(setup: Setup, variants: dict[str, dict], steps: int, seeds: int | No
 # 7. the students as diffusers components
 
 
-def save_students(students: Students, folder: str | Path) -> Path:
+def save_students(students: Students, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """``folder/{text_encoder,text_encoder_2,tokenizer,tokenizer_2}``: what stage 4 puts into the pipelines, each
-    loadable with ``from_pretrained`` (safetensors), each written atomically."""
+    loadable with ``from_pretrained`` (safetensors), each written atomically. ``dtype``: the weights stored in it
+    (the profile's, in which the pipelines load them: half the bytes on a half-precision profile, nothing that stage
+    4 reads lost; the checkpoints keep training's float32)."""
     folder = Path(folder)
     from .core.runs import quiet_hf_progress
 
     for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        part = getattr(students, name)
+        cast = dtype is not None and isinstance(part, torch.nn.Module)  # the encoders; tokenizers are files
+        kw = {"state_dict": {k: v.to(dtype) for k, v in part.state_dict().items()}} if cast else {}
         with atomic_path(folder / name) as tmp, quiet_hf_progress():
-            getattr(students, name).save_pretrained(tmp)
+            part.save_pretrained(tmp, **kw)
     return folder

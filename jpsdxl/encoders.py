@@ -43,7 +43,7 @@ def load_english(profile) -> EnglishEncoders:
     from .core.models import resolve_profile
 
     profile.check_device()
-    folder = resolve_profile(profile)["SDXL base"]
+    folder = resolve_profile(profile, ("SDXL base",))["SDXL base"]
     variant = {"variant": profile.models.variant} if profile.models.variant else {}
     kw = dict(dtype=profile.torch_dtype(), **variant)
     te1 = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw).to(profile.torch_device())

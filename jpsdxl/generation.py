@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .core.models import resolve_profile
+from .core.models import PIPELINE_ROLES, resolve_profile
 from .core.runs import quiet_hf_progress
 
 
@@ -35,7 +35,7 @@ def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=No
                                   tokenizer_2=tokenizer_2).items() if v is not None}
     swap = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in swap.items()}
     # resolve everything first: offline, one message names every missing model before anything loads
-    folders = resolve_profile(profile)
+    folders = resolve_profile(profile, PIPELINE_ROLES)
     with quiet_hf_progress(progress):  # loading bars are noise in notebooks; keep them for big models
         if "VAE" in folders:
             swap["vae"] = AutoencoderKL.from_pretrained(folders["VAE"], dtype=dtype)

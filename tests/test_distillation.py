@@ -557,3 +557,19 @@ def test_bf16_is_suggested_only_where_the_card_has_it_in_hardware(monkeypatch):
     assert "bf16" not in message
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
     assert "mixed_precision = 'bf16'" in str(D._non_finite(torch.tensor([float("inf")]), float("inf"), 0, None, "fp16"))
+
+
+def test_students_are_saved_in_the_profiles_dtype_and_stay_float32_in_training(straight, tmp_path):
+    """colab keeps its runs on Google Drive: the saved encoders in the dtype the pipelines load them in (half the
+    bytes), while the students in memory, and the checkpoints, keep training's float32."""
+    from safetensors import safe_open
+    from transformers import CLIPTextModelWithProjection
+
+    run, _ = straight
+    D.save_students(run.students, tmp_path, torch.bfloat16)
+    with safe_open(tmp_path / "text_encoder_2" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert {p.dtype for p in run.students.parameters()} == {torch.float32}
+    loaded = CLIPTextModelWithProjection.from_pretrained(tmp_path / "text_encoder_2", dtype=torch.bfloat16)
+    expected = run.students.text_encoder_2.text_projection.weight.to(torch.bfloat16)
+    assert torch.equal(loaded.text_projection.weight, expected)

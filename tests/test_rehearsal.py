@@ -86,6 +86,7 @@ def test_colab_extends_full_and_keeps_what_it_does_not_change():
     assert colab.models == full.models and colab.data == full.data and colab.init == full.init
     assert colab.distill.optimizer == "adamw8bit" and colab.distill.lr == full.distill.lr
     assert colab.generate.offload and colab.generate.steps == 30 and colab.generate.height == full.generate.height
+    assert colab.distill.resume and not full.distill.resume and colab.distill.keep_checkpoints == 1
     rehearsal = load_profile("rehearse-colab")
     assert rehearsal.device == "cpu" and rehearsal.models == colab.models and rehearsal.distill.gradient_checkpointing
 
@@ -109,3 +110,15 @@ def test_extends_refuses_a_loop_and_a_missing_parent(tmp_path):
     (tmp_path / "z.toml").write_text('extends = "nope"\n')
     with pytest.raises(ProfileError, match="no such profile"):
         load_profile(tmp_path / "z.toml")
+
+
+def test_colab_settings_fit_a_t4_by_estimate_and_fulls_do_not():
+    """The point of colab's distill settings (8-bit AdamW, gradient checkpointing): stage 3 under a T4's 14.7 GiB by
+    the parameter-count estimate, where plain AdamW without checkpointing is over it."""
+    from jpsdxl.core.profiles import derive
+    from jpsdxl.notebook.costs import stage_budgets
+
+    colab = load_profile("colab")
+    fits = {r["stage"]: r for r in stage_budgets(colab)}["03 distill"]["GPU GiB"]
+    plain = derive(colab, distill={"optimizer": "adamw", "gradient_checkpointing": False})
+    assert fits < 14.7 < {r["stage"]: r for r in stage_budgets(plain)}["03 distill"]["GPU GiB"]

@@ -47,6 +47,12 @@ def profile_models(profile) -> dict[str, tuple[str, str, str | None]]:
     return roles
 
 
-def resolve_profile(profile) -> dict[str, Path]:
-    """Resolve (and on first use fetch or build) every model of ``profile``; offline, one error names all missing."""
-    return resolve_all(profile_models(profile))
+PIPELINE_ROLES = ("SDXL base", "SDXL refiner", "VAE")  # what drawing needs (no tokenizer source, no embedder)
+
+
+def resolve_profile(profile, roles: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Resolve (and on first use fetch or build) the models of ``profile`` (only those named in ``roles``, if given:
+    a fresh Colab runtime then downloads what the notebook uses, not the 2 GB embedder for a drawing); offline, one
+    error names all missing."""
+    wanted = profile_models(profile)
+    return resolve_all({k: v for k, v in wanted.items() if roles is None or k in roles})

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 import types
@@ -123,6 +124,8 @@ class DistillConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    resume: bool = False  # notebook 03's default: continue from the newest checkpoint (colab: a re-opened notebook
+    #                       goes on where a cut-off runtime stopped); `jpsdxl distill` always resumes unless --fresh
     compare_steps: int | None = None  # notebook 03's comparisons (inits, alternative); None: steps
     compare_seeds: int = 1  # runs per variant in those comparisons (seeds from the profile's seed up)
     compare_eval_pairs: int | None = None  # held-out pairs their frequent evaluations use (None: eval_pairs)
@@ -178,6 +181,10 @@ class Profile:
         if self.device == "mps" and not torch.backends.mps.is_available():
             raise ProfileError(f"profile {self.name!r} needs device 'mps' (Apple GPU), not available here. "
                                f"Use --profile tiny.")
+        cap = os.environ.get("JPSDXL_GPU_CAP_GIB")  # rehearse a smaller card on a larger one (a T4's 14.7 GiB)
+        if cap and self.torch_device().type == "cuda":
+            total = torch.cuda.get_device_properties(self.torch_device()).total_memory / 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) / total), self.torch_device())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

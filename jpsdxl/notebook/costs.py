@@ -83,3 +83,57 @@ def cost_rows(measured: list[dict], flops_per_pair: float, pairs: int = 41_376_8
                     **{f"hours for {pairs / 1e6:.1f}M pairs on {g}": round(pairs / rate / g / 3600, 1) for g in gpus}})
     return out
 
+
+
+# -----------------------------------------------------------------------------
+# memory per stage and card: estimates from parameter counts, until a card has run the stage
+
+E5_LARGE = 559_890_432  # intfloat/multilingual-e5-large's parameters (XLM-R large)
+
+
+def _activations(profile, counts_cfg: dict, checkpointing: bool) -> float:
+    """Bytes of the students' activations for one micro-batch at 77 tokens in half precision: s*b*h*(34 + 5*a*s/h)
+    per layer (Korthikanti et al., 2022), or s*b*h*2 (each layer's input) under gradient checkpointing."""
+    d, s = profile.distill, 77
+    b = d.batch_size // d.grad_accum
+    total = 0.0
+    for h, layers, heads in counts_cfg:
+        per_layer = s * b * h * 2 if checkpointing else s * b * h * (34 + 5 * heads * s / h)
+        total += per_layer * layers
+    return total
+
+
+def stage_budgets(profile, recipe: str = "sdxl") -> list[dict]:
+    """Peak GPU and host memory (GiB) of stages 02-04 on ``profile``'s settings at SDXL 1.0's shapes, from parameter
+    counts: bytes per parameter x parameters resident, plus the students' activations. **Estimates**: a card's
+    measured peak replaces them (docs/results.md says which). Stage 04 counts what notebook 04 holds today: one UNet
+    pair shared by every compared model, and a text-encoder pair per model (English, untrained, init only, distilled,
+    published)."""
+    from ..core.zoo import RECIPES
+    from ..notebook.overview import recipe_parameter_counts
+
+    gib = 2**30
+    n = recipe_parameter_counts(recipe)
+    te = n["text_encoder"] + n["text_encoder_2"]
+    half = torch.tensor([], dtype=profile.torch_dtype()).element_size()
+    d, g = profile.distill, profile.generate
+    optimiser = {"adamw": 8, "adamw8bit": 2}[d.optimizer]
+    shapes = [(RECIPES[recipe][k]["hidden_size"], RECIPES[recipe][k]["num_hidden_layers"],
+               RECIPES[recipe][k]["num_attention_heads"]) for k in ("text_encoder", "text_encoder_2")]
+    acts = _activations(profile, shapes, d.gradient_checkpointing)
+    embedder = E5_LARGE * half if profile.init.embedder.startswith("st:") else 0
+    unets = (n["unet_base"] + n["unet_refiner"] + n["vae"]) * half
+    models_04 = 5 if profile.models.published else 4
+    stage_04_gpu = (max(n["unet_base"], te) * half if g.offload else unets + models_04 * te * half)
+    rows = [
+        {"stage": "02 init", "resident": "English text encoders + embedder + one Japanese pair at a time",
+         "GPU GiB": (2 * te * half + embedder) / gib, "host GiB": (2 * te * half + embedder) / gib},
+        {"stage": "03 distill", "resident": f"students fp32 + gradients + {d.optimizer} state + teachers + activations"
+                                            + (" (checkpointed)" if d.gradient_checkpointing else ""),
+         "GPU GiB": (te * (4 + 4 + optimiser) + te * half + acts) / gib, "host GiB": (te * 4 + te * half) / gib},
+        {"stage": "04 generate", "resident": ("model CPU offload: the largest component on the GPU; " if g.offload
+                                              else "everything on the GPU; ") + f"{models_04} text-encoder pairs",
+         "GPU GiB": stage_04_gpu / gib,  # without offload the host holds one component in transit while loading
+         "host GiB": (unets + models_04 * te * half if g.offload else max(n["unet_base"], te) * half) / gib},
+    ]
+    return [{**r, "GPU GiB": round(r["GPU GiB"], 1), "host GiB": round(r["host GiB"], 1)} for r in rows]

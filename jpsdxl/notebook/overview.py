@@ -14,7 +14,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from ..core.models import resolve_profile
+from ..core.models import PIPELINE_ROLES, resolve_profile
 from ..core.profiles import available_profiles, load_profile
 
 # notebook stem -> (stage, module, what it teaches)
@@ -78,7 +78,7 @@ def _config(folder: Path, sub: str) -> dict:
 def conditioning_shapes(profile) -> dict:
     """What SDXL's UNets are fed, from the configs of the profile's base and refiner folders."""
     profile.check_device()  # the zoo would otherwise build full-size models on a machine that cannot run them
-    folders = resolve_profile(profile)  # offline, one message names every missing model
+    folders = resolve_profile(profile, PIPELINE_ROLES)  # offline, one message names every missing one
     base, refiner = folders["SDXL base"], folders["SDXL refiner"]
     te1, te2 = _config(base, "text_encoder"), _config(base, "text_encoder_2")
     ub, ur = _config(base, "unet"), _config(refiner, "unet")
