@@ -10,7 +10,7 @@ the libraries). Each stage runs in a process of its own, through the functions i
   init      notebook 02: SDXL's English text encoders alone (encoders.load_english) and stage 2 (embedding_init.run)
   distill   notebook 03: stage 3's trainer (distillation.distil) for 2 steps, bf16 autocast, checkpoint, save
   generate  notebook 04: the English pipelines, the assembled Japanese model and the compared variants
-            (assembly.japanese_variants, sharing one UNet pair), one judged batch each
+            (assembly.compared_models: one UNet pair, one Japanese text-encoder pair at a time), one judged batch each
 
 Beside each peak: the bound expected from parameter counts (bytes per parameter x parameters alive) over the
 libraries' own footprint (measured at the stage's start), and the UNets alive at the end (2 = one base+refiner pair).
@@ -116,16 +116,16 @@ def generate(P) -> dict:
     english = G.load_pipelines(P)
     students, model_dir = stage_dir(P, "distill"), stage_dir(P, "generate") / "model"
     A.assemble(P, students, model_dir)
-    models = {"English": english, **A.japanese_variants(P, students, model_dir, english)}
+    models = A.compared_models(P, students, model_dir, english)
     ja, en, targets = shapes.held_out_prompts()
-    for name, pipes in models.items():
-        measure.evaluate(P, *pipes, (en if name == "English" else ja)[:4], targets[:4], seeds=[0])
+    for name, load in models.items():  # each loaded, judged, dropped: one Japanese text-encoder pair at a time
+        measure.evaluate(P, *load(), (en if name.startswith("English") else ja)[:4], targets[:4], seeds=[0])
     base, refiner = english
     pair = params(base.unet, refiner.unet, base.vae, base.text_encoder, base.text_encoder_2)
-    extra = sum(params(b.text_encoder, b.text_encoder_2) for name, (b, _) in models.items() if name != "English")
+    extra = params(base.text_encoder, base.text_encoder_2)  # the Japanese pair alive: the English pair's sizes
     # make_students(dtype=None) builds each compared copy in the pipelines' dtype: no float32 pair, even for a moment
     return {"bound_gib": (pair + extra) * 2 / GIB, "unets": live_unets(), "models": len(models),
-            "bound": f"one base+refiner pair in bf16 + {len(models) - 1} Japanese text-encoder pairs in bf16"}
+            "bound": "one base+refiner pair in bf16 + one Japanese text-encoder pair in bf16"}
 
 
 STAGES = {"build": build, "init": init, "distill": distill, "generate": generate}

@@ -7,7 +7,7 @@ the published cl-tohoku/stable-diffusion-xl-jp-{base,refiner}-1.0 folders load: 
 pipeline's folders, and the refiner's text parts are links to the base's: nothing large is stored twice. So the
 profile's assembled model lives in the cache (``assembled_dir``), never in a runs folder: a Google Drive runs folder
 refuses links, and the model is rebuilt in seconds from stage 3's students.
-``japanese_variants`` builds the models stage 4 compares; ``japanese_model`` is what ``jpsdxl generate`` draws with.
+``compared_models`` gives the models stage 4 compares; ``japanese_model`` is what ``jpsdxl generate`` draws with.
 
 This file does not run the pipelines (``generation.py``) or train the encoders (``distillation.py``).
 """
@@ -158,7 +158,7 @@ def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, devi
     diffusers. The weights variant is used only where the folder has it.
 
     ``offload``: model CPU offload *instead of* moving the pipelines to ``device`` (moving first would hold every
-    component on the GPU at once). ``share``: the English (base, refiner) whose UNets, VAE and scheduler to reuse,
+    component on the GPU at once); ``device=None`` leaves them where they load (for ``generation.place``). ``share``: the English (base, refiner) whose UNets, VAE and scheduler to reuse,
     so that only the text parts load (one UNet pair resident however many models are compared)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
@@ -181,56 +181,56 @@ def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, devi
     for pipe in (base, refiner):
         if offload:
             pipe.enable_model_cpu_offload(device=device)
-        else:
+        elif device is not None:
             pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
     return base, refiner
 
 
-def japanese_variants(profile, students_dir: str | Path, model_dir: str | Path, english) -> dict:
-    """The Japanese models stage 4 compares, as (base, refiner) pairs: copies with every row the mean English row
-    (untrained), copies with stage 2's similarity rows (init only; stage 2's mapping, by the one rule of
-    ``runs.require``) and the distilled model assembled in ``model_dir``. All use stage 3's saved tokenizers.
+def compared_models(profile, students_dir: str | Path, model_dir: str | Path, english) -> dict:
+    """The models stage 4 compares, each as a loader: ``name -> load()`` giving its (base, refiner), placed as
+    ``generate.offload`` says. The English original; copies with every row the mean English row (untrained) and with
+    stage 2's similarity rows (init only; stage 2's mapping, by the one rule of ``runs.require``), both with stage
+    3's saved tokenizers; the distilled model assembled in ``model_dir``; and, where the profile names one and it can
+    be had, the published Japanese SDXL (``models.published``; else left out, in one line).
 
-    ``english`` is the English (base, refiner): its text encoders are the teachers the copies start from, and its
-    UNets, VAE and scheduler are shared by every variant, so one UNet pair is resident however many are compared."""
+    Every Japanese model shares ``english``'s UNets, VAE and scheduler, and its text encoders exist only while what
+    ``load()`` returned is held: call, use, drop, and one Japanese text-encoder pair is resident at a time (at SDXL's
+    shapes, 1.6 GB in fp16 each; five at once do not fit Colab's host RAM beside the UNets)."""
+    import sys
+
     from transformers import AutoTokenizer
 
+    from .core.hub import ModelNotAvailable
     from .distillation import Teachers, make_students
     from .embedding_init import stage_mapping
-    from .generation import with_text_parts
+    from .generation import place, with_text_parts
 
     students_dir = Path(students_dir)
     tok, tok_2 = (AutoTokenizer.from_pretrained(students_dir / t) for t in ("tokenizer", "tokenizer_2"))
     base = english[0]
     teachers = Teachers(base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2)
-    variants = {}
-    for name, strategy, mapping in (("untrained (mean rows)", "mean", None),
-                                    ("init only (similarity)", "similarity", stage_mapping(profile))):
-        s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed, dtype=None)  # as the pipelines
-        variants[name] = with_text_parts(english, s.text_encoder.eval(), s.text_encoder_2.eval(), tok, tok_2)
-    variants["distilled"] = load_assembled(model_dir, profile.torch_dtype(), profile.torch_device(), share=english)
-    return variants
+    mapping = stage_mapping(profile)
 
+    def copies(strategy: str, mapping):
+        def load():
+            s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed, dtype=None)  # as the pipes
+            return place(profile, *with_text_parts(english, s.text_encoder.eval(), s.text_encoder_2.eval(), tok, tok_2))
+        return load
 
-def published_model(profile, english) -> dict:
-    """``{"SD-XL 1.0-jp (published)": (base, refiner)}`` when the profile names a published Japanese SDXL
-    (``models.published``) and it can be fetched; else ``{}``, with one line saying why it is left out. The card
-    retrained only the text encoders, so its UNets are SDXL 1.0's: it shares ``english``'s UNets, VAE and scheduler
-    like every compared variant (one UNet pair resident), and only its text parts load."""
-    import sys
+    def folder(model):
+        return lambda: place(profile, *load_assembled(model, profile.torch_dtype(), device=None, share=english))
 
-    from .core.hub import ModelNotAvailable
-
-    if not profile.models.published:
-        return {}
-    try:
-        model = japanese_model(profile, profile.models.published)
-    except ModelNotAvailable as e:
-        print(f"{profile.models.published} is left out of the comparison: {str(e).splitlines()[0]}", file=sys.stderr)
-        return {}
-    pair = load_assembled(model, profile.torch_dtype(), profile.torch_device(), share=english)
-    return {"SD-XL 1.0-jp (published)": pair}
+    loaders = {"English (original)": lambda: place(profile, *english),
+               "untrained (mean rows)": copies("mean", None), "init only (similarity)": copies("similarity", mapping),
+               "distilled": folder(model_dir)}
+    if profile.models.published:
+        try:  # found (or fetched) now: a model that cannot be had is left out before anything is drawn
+            loaders["SD-XL 1.0-jp (published)"] = folder(japanese_model(profile, profile.models.published))
+        except ModelNotAvailable as e:
+            print(f"{profile.models.published} is left out of the comparison: {str(e).splitlines()[0]}",
+                  file=sys.stderr)
+    return loaders
 
 
 def with_students(english, students_dir: str | Path):

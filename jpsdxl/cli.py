@@ -295,7 +295,10 @@ def _generate(args) -> int:
         raise ValueError(f"--offload moves each part between the CPU and a CUDA GPU; profile {profile.name!r} runs on "
                          f"{profile.device}: leave --offload out")
     model = A.japanese_model(profile, args.model)
-    base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device(), offload=args.offload)
+    if args.offload:  # model CPU offload, whatever the profile says
+        base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device(), offload=True)
+    else:  # where the profile's generate.offload puts them (colab: text encoders swapped in)
+        base, refiner = G.place(profile, *A.load_assembled(model, profile.torch_dtype(), device=None))
     overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                                        high_noise_frac=args.high_noise_frac).items() if v is not None}
     if args.size:
@@ -324,8 +327,8 @@ def _generate(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "rehearse": _rehearse, "prepare": _prepare, "tokenizer": _tokenizer, "init": _init, "distill": _distill,
-            "generate": _generate, "train-shapes": _train_shapes, "env": _env, "profiles": _profiles}
+COMMANDS = {"run": _run, "rehearse": _rehearse, "prepare": _prepare, "tokenizer": _tokenizer, "init": _init,
+            "distill": _distill, "generate": _generate, "train-shapes": _train_shapes, "env": _env, "profiles": _profiles}
 
 
 # -----------------------------------------------------------------------------

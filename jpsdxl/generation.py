@@ -50,17 +50,42 @@ def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=No
     return base, refiner
 
 
-def place(profile, base, refiner) -> None:
-    """Put both pipelines where the profile runs them: on its device, or, with ``generate.offload`` on a CUDA
-    device, under model CPU offload with VAE tiling and slicing (each component moves to the GPU only while it runs:
-    what lets a 16 GB card draw SDXL at 1024²). Without CUDA there is nothing to offload to: the device it is."""
-    device = profile.torch_device()
-    if profile.generate.offload and device.type == "cuda":
+def place(profile, base, refiner):
+    """Put both pipelines where ``generate.offload`` says, and return them:
+
+    * ``none``: everything on the profile's device;
+    * ``text_encoders``: UNets and VAE on the device, the text encoders in host memory, each moved in by an
+      accelerate hook when it encodes and moved out when the next part runs: a pipeline pair compared after another
+      brings only its text encoders (colab: a T4 holds both UNets, the VAE and one text-encoder pair);
+    * ``model``: diffusers' model CPU offload (every part in host memory, each on the device only while it runs).
+
+    Offloading adds VAE tiling and slicing (1024² images decoded in pieces). On a CPU the hooks have nowhere else to
+    move a part: the same calls, a rehearsal of the path."""
+    from accelerate import cpu_offload_with_hook
+
+    device, how = profile.torch_device(), profile.generate.offload
+    if how == "model":
         for option in MEMORY_OPTIONS[1:]:
             apply_memory_option(base, refiner, option, device)
-    else:
-        base.to(device)
-        refiner.to(device)
+        return base, refiner
+    for pipe in (base, refiner):
+        for name in ("text_encoder", "text_encoder_2"):  # hooks of an earlier placement of shared parts go first
+            part = getattr(pipe, name, None)
+            if part is not None and hasattr(part, "_hf_hook"):
+                from accelerate.hooks import remove_hook_from_module
+
+                remove_hook_from_module(part)
+    if how == "none":
+        return base.to(device), refiner.to(device)
+    apply_memory_option(base, refiner, "vae tiling + slicing")
+    hook = None
+    for te in (base.text_encoder, base.text_encoder_2):  # text_encoder_2 is the refiner's too
+        if te is not None:
+            _, hook = cpu_offload_with_hook(te.to("cpu"), device, prev_module_hook=hook)
+    for pipe in (base, refiner):  # a UNet's call moves the last text encoder out; the UNet itself stays
+        pipe.vae.to(device)
+        _, _ = cpu_offload_with_hook(pipe.unet.to(device), device, prev_module_hook=hook)
+    return base, refiner
 
 
 def with_text_parts(pipelines, text_encoder, text_encoder_2, tokenizer, tokenizer_2):

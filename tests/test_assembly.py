@@ -146,34 +146,45 @@ def test_a_gpu_out_of_memory_is_one_line_that_says_what_to_try(model, tmp_path, 
     assert "ran out of memory: try --offload" in err and "Traceback" not in err and err.count("\n") == 1
 
 
-def _live_unets() -> int:
+def _live(cls) -> int:
     import gc
 
-    from diffusers import UNet2DConditionModel
-
     gc.collect()
-    return sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects())
+    return sum(isinstance(o, cls) for o in gc.get_objects())
 
 
-def test_the_compared_models_share_one_unet_pair(tiny, model, pipelines, ja_tokenizers, tmp_path, monkeypatch):
-    """Notebook 04's models differ only in text encoders and tokenizers: however many it compares, the English UNets
-    are the only ones resident (on `full` each further pair would be ~10 GB)."""
+@pytest.fixture
+def stage_2_mapping(pipelines, ja_tokenizers, tmp_path, monkeypatch):
+    """A stage-2 mapping for the "init only" model, in a runs folder of this test's own."""
     import torch
 
     from jpsdxl import embedding_init as E
 
-    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))  # a stage-2 mapping for the "init only" model
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
     ja, en = E.japanese_vocab(ja_tokenizers[0]), E.clip_vocab(pipelines[0].tokenizer)
     rng = torch.Generator().manual_seed(0)
     E.save_mapping(E.Mapping(ja, en, torch.rand(len(ja), 5, generator=rng),
                              torch.as_tensor(en.ids)[torch.randint(len(en), (len(ja), 5), generator=rng)]),
                    tmp_path / "tiny" / "02_embedding_init")
-    before = _live_unets()
-    variants = A.japanese_variants(tiny, model.parent / "students", model, pipelines)
-    assert set(variants) == {"untrained (mean rows)", "init only (similarity)", "distilled"}
-    assert _live_unets() == before
-    assert all(b.unet is pipelines[0].unet and r.unet is pipelines[1].unet for b, r in variants.values())
-    assert variants["distilled"][1].config.requires_aesthetics_score  # the refiner's own settings kept
+
+
+def test_the_compared_models_share_one_unet_pair_and_hold_one_japanese_pair(tiny, model, pipelines, stage_2_mapping):
+    """Notebook 04's models differ only in text encoders and tokenizers: however many it compares, the English UNets
+    are the only ones resident (on `full` each further pair would be ~10 GB), and a Japanese text-encoder pair lives
+    only while its loader's pipelines are held (five at once do not fit Colab's host RAM beside the UNets)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    unets, encoders = _live(UNet2DConditionModel), _live(CLIPTextModelWithProjection)
+    models = A.compared_models(tiny, model.parent / "students", model, pipelines)
+    assert list(models) == ["English (original)", "untrained (mean rows)", "init only (similarity)", "distilled"]
+    for name, load in models.items():
+        base, refiner = load()
+        assert base.unet is pipelines[0].unet and refiner.unet is pipelines[1].unet
+        assert refiner.text_encoder_2 is base.text_encoder_2 and refiner.config.requires_aesthetics_score
+        assert _live(CLIPTextModelWithProjection) <= encoders + 1, name  # this model's pair, no other
+        del base, refiner
+    assert _live(UNet2DConditionModel) == unets and _live(CLIPTextModelWithProjection) == encoders
 
 
 def test_the_profiles_vae_reaches_the_assembled_model(tiny, model, tmp_path):
@@ -205,48 +216,6 @@ def test_offload_replaces_moving_the_pipelines_to_the_gpu(model, monkeypatch):
     calls.clear()
     A.load_assembled(model, device="cpu")
     assert calls == [("to", ("cpu",))] * 2
-
-
-@pytest.fixture(scope="module")
-def published(model, small_spm, tmp_path_factory):
-    """A stand-in laid out like tohoku-nlp/stable-diffusion-xl-jp-{base,refiner}-1.0: plain files (no fp16
-    variant), tokenizers as spiece.model + a T5-style config. Returns {"base": folder, "refiner": folder}."""
-    import json
-    import shutil
-
-    tmp_path = tmp_path_factory.mktemp("published")
-    published = {}
-    for role in ("base", "refiner"):
-        folder = published[role] = tmp_path / f"jp-{role}-1.0"
-        shutil.copytree(model / role, folder, symlinks=False)  # plain files, as a hub snapshot holds them
-        index = json.loads((folder / "model_index.json").read_text())
-        for name in ("tokenizer", "tokenizer_2"):
-            if index.get(name, [None])[0] is None:
-                continue
-            shutil.rmtree(folder / name)
-            (folder / name).mkdir()
-            shutil.copy(small_spm, folder / name / "spiece.model")
-            (folder / name / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "T5Tokenizer", "eos_token": "<|endoftext|>", "unk_token": "<unk>",
-                 "pad_token": "<pad>", "extra_ids": 0, "model_max_length": 77}))
-            index[name] = ["transformers", "T5Tokenizer"]
-        (folder / "model_index.json").write_text(json.dumps(index))
-    return published
-
-
-def test_a_model_laid_out_like_the_published_one_draws_by_hub_id(tiny, published, tmp_path, monkeypatch, capsys):
-    """tohoku-nlp/stable-diffusion-xl-jp-{base,refiner}-1.0 hold no fp16 variant files and their tokenizers as
-    spiece.model + a T5-style config. A profile that asks for variant="fp16" must fall back to the plain files."""
-    from jpsdxl.core import hub
-    from jpsdxl.core.profiles import derive, save_profile
-
-    assert not A.has_variant(published["base"], "fp16")
-    monkeypatch.setattr(hub, "_download", lambda spec, kind, variant: published[spec.split("-")[1]])
-    profile = save_profile(derive(tiny, name="tiny-fp16", models={"variant": "fp16"}), tmp_path / "tiny-fp16.toml")
-    out = tmp_path / "kitten.png"
-    assert main(["generate", "赤い丸", "--profile", str(profile), "--model", "someone/jp-base-1.0", "--out", str(out),
-                 "--steps", "2"]) == 0, capsys.readouterr().err
-    assert out.exists()
 
 
 def test_a_model_assembled_from_older_encoders_is_assembled_again(tiny, model, tmp_path, monkeypatch, capsys):
@@ -313,21 +282,25 @@ def test_generate_writes_each_batch_as_it_is_drawn(tiny, model, tmp_path, capsys
     assert len(list((tmp_path / "images").glob("image-0*.png"))) == 5
 
 
-def test_the_published_model_joins_the_comparison_where_reachable(tiny, pipelines, published, monkeypatch, capsys):
-    from jpsdxl.core import hub
+def test_the_published_model_joins_the_comparison_where_reachable(tiny, model, pipelines, standin_hub,
+                                                                   stage_2_mapping, capsys):
+    """Through the stand-in hub, no monkeypatched download: the card's model by hub id joins the comparison and
+    shares the English UNets; one that cannot be had offline is left out, in one line."""
     from jpsdxl.core.profiles import derive
+    from jpsdxl.rehearsal import JP_BASE
 
-    assert A.published_model(tiny, pipelines) == {}  # tiny names none
-    monkeypatch.setattr(hub, "_download", lambda spec, kind, variant: published[spec.split("-")[1]])
-    found = A.published_model(derive(tiny, models={"published": "someone/jp-base-1.0"}), pipelines)
-    (base, refiner), = found.values()
+    students = model.parent / "students"
+    assert "SD-XL 1.0-jp (published)" not in A.compared_models(tiny, students, model, pipelines)  # tiny names none
+    models = A.compared_models(derive(tiny, models={"published": JP_BASE}), students, model, pipelines)
+    base, refiner = models["SD-XL 1.0-jp (published)"]()
     assert base.unet is pipelines[0].unet and refiner.unet is pipelines[1].unet  # one UNet pair, shared
     assert "T5Tokenizer" in type(base.tokenizer).__name__ and base.text_encoder is not pipelines[0].text_encoder
     ids = base.tokenizer("赤い丸").input_ids  # the published layout: pieces + EOS, no BOS (ours: BOS first)
     assert ids[-1] == base.tokenizer.eos_token_id
     assert "<|startoftext|>" not in base.tokenizer.convert_ids_to_tokens(ids)
-    monkeypatch.undo()  # offline and not in the cache: left out, in one line
-    assert A.published_model(derive(tiny, models={"published": "nobody/jp-base-1.0"}), pipelines) == {}
+    capsys.readouterr()
+    gone = A.compared_models(derive(tiny, models={"published": "nobody/jp-base-1.0"}), students, model, pipelines)
+    assert "SD-XL 1.0-jp (published)" not in gone
     err = capsys.readouterr().err
     assert "nobody/jp-base-1.0 is left out of the comparison" in err and err.count("\n") == 1
 

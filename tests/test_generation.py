@@ -187,3 +187,17 @@ def test_generate_draws_in_calls_of_the_profiles_batch_size(tiny):
     calls.clear()
     assert generate(profile, pipe, pipe, ["a", "b", "c"], refine=False, output_type="latent")[0].shape[0] == 3
     assert calls == [2, 1]
+
+
+def test_text_encoders_swapped_in_draw_what_the_plain_placement_draws(tiny):
+    """colab's generate.offload = "text_encoders": accelerate hooks move each text encoder in to encode (the UNets
+    and VAE stay): the same images as everything in place, here on a CPU where the hooks have nowhere else to go."""
+    from jpsdxl.core.profiles import derive
+
+    swapping = derive(tiny, generate={"offload": "text_encoders"})
+    plain, swapped = generation.load_pipelines(tiny), generation.load_pipelines(swapping)
+    assert all(hasattr(te, "_hf_hook") for te in (swapped[0].text_encoder, swapped[0].text_encoder_2))
+    assert not hasattr(swapped[0].unet, "_hf_hook") or swapped[0].unet.device == tiny.torch_device()
+    a = generation.generate(tiny, *plain, ["a red circle", "a blue square"], output_type="latent")[0]
+    b = generation.generate(swapping, *swapped, ["a red circle", "a blue square"], output_type="latent")[0]
+    assert torch.equal(a, b)

@@ -46,13 +46,14 @@ def test_published_model_by_hub_id_loads_without_an_fp16_variant(standin_hub):
 
 
 @pytest.mark.slow
-def test_generate_draws_with_the_published_model_by_hub_id(standin_hub, tmp_path):
+@pytest.mark.parametrize("profile", ["rehearse-full", "rehearse-colab"])  # colab: text encoders swapped in
+def test_generate_draws_with_the_published_model_by_hub_id(standin_hub, tmp_path, profile):
     from PIL import Image
 
     from jpsdxl.cli import main
 
     out = tmp_path / "kitten.png"
-    assert main(["generate", "かわいすぎる子猫", "--profile", "rehearse-full", "--model", JP_BASE,
+    assert main(["generate", "かわいすぎる子猫", "--profile", profile, "--model", JP_BASE,
                  "--out", str(out), "--steps", "2"]) == 0
     assert Image.open(out).size == (64, 64)
 
@@ -122,3 +123,7 @@ def test_colab_settings_fit_a_t4_by_estimate_and_fulls_do_not():
     fits = {r["stage"]: r for r in stage_budgets(colab)}["03 distill"]["GPU GiB"]
     plain = derive(colab, distill={"optimizer": "adamw", "gradient_checkpointing": False})
     assert fits < 14.7 < {r["stage"]: r for r in stage_budgets(plain)}["03 distill"]["GPU GiB"]
+    # stage 4: text encoders swapped in keep the host under Colab's 12.7 GB; diffusers' model offload does not
+    swapped = {r["stage"]: r for r in stage_budgets(colab)}["04 generate"]
+    offloaded = {r["stage"]: r for r in stage_budgets(derive(colab, generate={"offload": "model"}))}["04 generate"]
+    assert swapped["GPU GiB"] < 14.7 and swapped["host GiB"] < 11.8 < offloaded["host GiB"]

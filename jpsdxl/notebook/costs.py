@@ -105,10 +105,10 @@ def _activations(profile, counts_cfg: dict, checkpointing: bool) -> float:
 
 def stage_budgets(profile, recipe: str = "sdxl") -> list[dict]:
     """Peak GPU and host memory (GiB) of stages 02-04 on ``profile``'s settings at SDXL 1.0's shapes, from parameter
-    counts: bytes per parameter x parameters resident, plus the students' activations. **Estimates**: a card's
-    measured peak replaces them (docs/results.md says which). Stage 04 counts what notebook 04 holds today: one UNet
-    pair shared by every compared model, and a text-encoder pair per model (English, untrained, init only, distilled,
-    published)."""
+    counts: bytes per parameter x parameters resident, plus the students' activations (not a 1024² image's).
+    **Estimates**: a card's measured peak replaces them (docs/results.md says which). Stage 04 holds one UNet pair
+    shared by every compared model, the English text encoders and one Japanese pair (``assembly.compared_models``),
+    placed as ``generate.offload`` says."""
     from ..core.zoo import RECIPES
     from ..notebook.overview import recipe_parameter_counts
 
@@ -123,17 +123,19 @@ def stage_budgets(profile, recipe: str = "sdxl") -> list[dict]:
     acts = _activations(profile, shapes, d.gradient_checkpointing)
     embedder = E5_LARGE * half if profile.init.embedder.startswith("st:") else 0
     unets = (n["unet_base"] + n["unet_refiner"] + n["vae"]) * half
-    models_04 = 5 if profile.models.published else 4
-    stage_04_gpu = (max(n["unet_base"], te) * half if g.offload else unets + models_04 * te * half)
+    pair = te * half  # a text-encoder pair: the English one stays, one Japanese pair at a time (compared_models)
+    gpu_04, host_04, where = {
+        "none": (unets + 2 * pair, max(n["unet_base"], te) * half, "everything on the GPU"),
+        "text_encoders": (unets + pair, 2 * pair, "UNets and VAE on the GPU, text encoders swapped in"),
+        "model": (max(n["unet_base"], te) * half, unets + 2 * pair, "model CPU offload: every part in host RAM"),
+    }[g.offload]
     rows = [
         {"stage": "02 init", "resident": "English text encoders + embedder + one Japanese pair at a time",
-         "GPU GiB": (2 * te * half + embedder) / gib, "host GiB": (2 * te * half + embedder) / gib},
+         "GPU GiB": (2 * pair + embedder) / gib, "host GiB": (2 * pair + embedder) / gib},
         {"stage": "03 distill", "resident": f"students fp32 + gradients + {d.optimizer} state + teachers + activations"
                                             + (" (checkpointed)" if d.gradient_checkpointing else ""),
-         "GPU GiB": (te * (4 + 4 + optimiser) + te * half + acts) / gib, "host GiB": (te * 4 + te * half) / gib},
-        {"stage": "04 generate", "resident": ("model CPU offload: the largest component on the GPU; " if g.offload
-                                              else "everything on the GPU; ") + f"{models_04} text-encoder pairs",
-         "GPU GiB": stage_04_gpu / gib,  # without offload the host holds one component in transit while loading
-         "host GiB": (unets + models_04 * te * half if g.offload else max(n["unet_base"], te) * half) / gib},
+         "GPU GiB": (te * (4 + 4 + optimiser) + pair + acts) / gib, "host GiB": (te * 4 + pair) / gib},
+        {"stage": "04 generate", "resident": f"{where}; the English and one Japanese text-encoder pair",
+         "GPU GiB": gpu_04 / gib, "host GiB": host_04 / gib},
     ]
     return [{**r, "GPU GiB": round(r["GPU GiB"], 1), "host GiB": round(r["host GiB"], 1)} for r in rows]
