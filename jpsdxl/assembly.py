@@ -158,8 +158,9 @@ def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, devi
     diffusers. The weights variant is used only where the folder has it.
 
     ``offload``: model CPU offload *instead of* moving the pipelines to ``device`` (moving first would hold every
-    component on the GPU at once); ``device=None`` leaves them where they load (for ``generation.place``). ``share``: the English (base, refiner) whose UNets, VAE and scheduler to reuse,
-    so that only the text parts load (one UNet pair resident however many models are compared)."""
+    component on the GPU at once); ``device=None`` leaves them where they load (for ``generation.place``).
+    ``share``: the English (base, refiner) whose UNets, VAE and scheduler to reuse, so that only the text parts load
+    (one UNet pair resident however many models are compared)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     if isinstance(folder, JapaneseModel):

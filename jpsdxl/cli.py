@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -110,10 +111,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailable, ModuleNotFoundError,
-            RunInProgress) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError, ModelNotAvailable, ModuleNotFoundError, RunInProgress) as e:  # OSError: a full disk,
+        print(f"error: {e}", file=sys.stderr)                                                 # a file, named
         return 2
+    except RuntimeError as e:  # a damaged file, a library's own complaint: one line (JPSDXL_TRACEBACK=1: all of it)
+        if os.environ.get("JPSDXL_TRACEBACK"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: {type(e).__name__}: {first} (JPSDXL_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; finished artefacts stay, temporaries are cleaned
         print("interrupted: what finished is kept under runs/ and the cache; rerun to continue", file=sys.stderr)
         return 130
@@ -268,11 +274,12 @@ def _generate(args) -> int:
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+    from PIL import Image
 
     from . import assembly as A
     from . import generation as G
     from .core.profiles import load_profile
-    from .core.runs import ensure_writable
+    from .core.runs import atomic_path, ensure_writable
     from .tokenization import check_prompts, encode_prompts
 
     prompts = list(args.prompt)
@@ -322,13 +329,15 @@ def _generate(args) -> int:
             raise ValueError("the GPU ran out of memory: try --offload (model CPU offload + VAE tiling), a smaller "
                              "--size, or generate.batch_size = 1 in the profile") from None
         for image, path in zip(images, batch_paths):
-            image.save(path)
+            with atomic_path(path) as tmp:  # a full disk leaves the old file (or none), never half an image
+                image.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
             print(path, flush=True)
     return 0
 
 
 COMMANDS = {"run": _run, "rehearse": _rehearse, "prepare": _prepare, "tokenizer": _tokenizer, "init": _init,
-            "distill": _distill, "generate": _generate, "train-shapes": _train_shapes, "env": _env, "profiles": _profiles}
+            "distill": _distill, "generate": _generate, "train-shapes": _train_shapes, "env": _env,
+            "profiles": _profiles}
 
 
 # -----------------------------------------------------------------------------

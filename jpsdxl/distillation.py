@@ -258,6 +258,10 @@ def _damage(ckpt: Path, state: dict) -> str | None:
     return None
 
 
+class CheckpointNotWritten(OSError):
+    """A checkpoint could not be written (a full disk, a folder that went away): its partial folder is removed."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite: training stopped; the last good checkpoint is kept."""
 
@@ -439,7 +443,15 @@ def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: i
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except (OSError, RuntimeError) as e:  # a full disk: torch's writer says "enforce fail at inline_container.cc"
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written folder left filling the disk
+        last = latest_checkpoint(folder)
+        raise CheckpointNotWritten(
+            f"checkpoint {dest} could not be written ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
+            f"free space on that disk or give another --out; "
+            + (f"rerun to continue from {last}" if last else "no checkpoint was written yet")) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -563,29 +575,31 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     started, first_step, evaluating, overflows = time.perf_counter(), step, 0.0, 0
     ids = tuple(teachers.token_ids(t) for t in (students.tokenizer, students.tokenizer_2, teachers.tokenizer))
     model.train()
-    for batch in batches(stream, cfg.batch_size, rank, world, pairs.streamed):
-        if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
-            break
-        reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg, ids)
-        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        finite = bool(torch.isfinite(reduced).all() and torch.isfinite(norm))  # a term or a gradient overflowed?
-        if not finite and (accelerator.scaler is None or overflows >= MAX_OVERFLOWS):
-            raise _non_finite(reduced, norm, step, folder, accelerator.mixed_precision)
-        optimizer.step()  # fp16: the loss scaler skips a step whose gradients overflowed and lowers its scale
-        overflows = 0 if finite else overflows + 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update()
-        row, seconds = _log_row(step, scheduler.get_last_lr()[-1], reduced, held_out, students, cfg)
-        evaluating += seconds  # held-out evaluations are not training time: kept out of the rate
-        if "eval_loss" in row:
-            bar.set_postfix(loss=f"{row['eval_loss']:.4f}", top1=f"{row['eval_pool100_top1']:.1%}")
-        if step % log_every == 0 or "eval_loss" in row:
-            log.append(row)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(accelerator, model, scheduler, folder, step, cfg, seed, log)
-    bar.close()
+    try:  # an error mid-run closes the bar first: its line ends before the error's
+        for batch in batches(stream, cfg.batch_size, rank, world, pairs.streamed):
+            if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
+                break
+            reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg, ids)
+            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            finite = bool(torch.isfinite(reduced).all() and torch.isfinite(norm))  # a term or a gradient overflowed?
+            if not finite and (accelerator.scaler is None or overflows >= MAX_OVERFLOWS):
+                raise _non_finite(reduced, norm, step, folder, accelerator.mixed_precision)
+            optimizer.step()  # fp16: the loss scaler skips a step whose gradients overflowed and lowers its scale
+            overflows = 0 if finite else overflows + 1
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            row, seconds = _log_row(step, scheduler.get_last_lr()[-1], reduced, held_out, students, cfg)
+            evaluating += seconds  # held-out evaluations are not training time: kept out of the rate
+            if "eval_loss" in row:
+                bar.set_postfix(loss=f"{row['eval_loss']:.4f}", top1=f"{row['eval_pool100_top1']:.1%}")
+            if step % log_every == 0 or "eval_loss" in row:
+                log.append(row)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_checkpoint(accelerator, model, scheduler, folder, step, cfg, seed, log)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - started - evaluating
     after = next((r for r in reversed(log) if "eval_loss" in r), before)
     return Run(students=accelerator.unwrap_model(model), log=log, before=_eval_part(before), after=_eval_part(after),

@@ -108,7 +108,8 @@ def _clip_tokenizer_files(folder: Path, pad: str) -> dict[str, bytes]:
     config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
               "errors": "replace", "add_prefix_space": False, "clean_up_tokenization_spaces": True}
     return {"vocab.json": vocab.read_bytes(), "merges.txt": merges.read_bytes(),
-            "special_tokens_map.json": json.dumps(special).encode(), "tokenizer_config.json": json.dumps(config).encode()}
+            "special_tokens_map.json": json.dumps(special).encode(),
+            "tokenizer_config.json": json.dumps(config).encode()}
 
 
 def _sdxl_repos(work: Path) -> dict[str, dict]:
@@ -234,7 +235,8 @@ def _clip_repo(work: Path) -> dict:
     torch.manual_seed(2)
     model = open_clip.model.CLIP(**{k: v for k, v in model_cfg.items()})
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "clip.safetensors")
-    return {"open_clip_config.json": json.dumps(config).encode(), "open_clip_model.safetensors": work / "clip.safetensors"}
+    return {"open_clip_config.json": json.dumps(config).encode(),
+            "open_clip_model.safetensors": work / "clip.safetensors"}
 
 
 def _jparacrawl_repo(work: Path, pairs) -> dict:

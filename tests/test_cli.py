@@ -138,3 +138,26 @@ def test_stage_2_and_the_runner_check_the_runs_folder_before_the_work(tmp_path, 
     assert main(["run", "--runs", str(tmp_path / "afile" / "runs"), "--no-html"]) == 2
     err = capsys.readouterr().err
     assert "--runs" in err and "cannot write there" in err and err.count("\n") == 1
+
+
+def test_a_full_disk_when_the_image_is_saved_is_one_line_and_leaves_no_half_image(standin_hub, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The drawing is done, the disk is full: one line naming the file (no traceback), and nothing half-written."""
+    import errno
+
+    from PIL import Image
+
+    from jpsdxl.cli import main
+
+    def full(self, fp, format=None, **kwargs):
+        open(fp, "wb").write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "red.png"
+    assert main(["generate", "赤い丸", "--profile", "rehearse-full", "--model",
+                 "tohoku-nlp/stable-diffusion-xl-jp-base-1.0", "--out", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and "No space left on device" in errors[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []

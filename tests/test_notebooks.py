@@ -134,11 +134,11 @@ def test_notebook_03_numbers_say_what_its_text_says(tutorial):
                    min(r["loss_after"] for r in i.values()))
     assert i["top-k (remedy)"]["pool100_top1_after"] >= max(r["pool100_top1_after"] for r in i.values()) - 0.01
     a = m["alternative"]
-    # "computing all 77 positions ends where the default does, on the MSE over all 77 positions too, at a lower rate"
+    # "computing all 77 positions ends where the default does, on the MSE over all 77 positions too" (its lower rate
+    # is a timing: benchmarks/distillation_speed.py measures it; a test of a shared machine's speed goes red by chance)
     every, short = a["all 77 positions"], a["causal (default)"]
     for key in ("loss_after", "mse_h1_after", "mse_h2_after"):
         assert abs(every[key] - short[key]) < 0.03 * short[key], key
-    assert every["samples_per_second"] < short["samples_per_second"]
     # "the non-causal student starts far worse and is still behind on loss after the same budget; about level on
     # retrieval"
     assert a["non-causal"]["loss_before"] > 2 * a["causal (default)"]["loss_before"]
