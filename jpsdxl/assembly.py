@@ -150,6 +150,24 @@ def check_pipeline_folder(folder: str | Path, what: str = "--model") -> None:
                 pass
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{what} {weights}: unreadable ({e}): {again}") from None
+    check_text_parts(folder, what)
+
+
+def check_text_parts(folder: str | Path, what: str = "--model") -> None:
+    """Each tokenizer's pieces against its text encoder's embedding rows: a tokenizer that was not made with the
+    encoder (a 2,000-piece one beside 8,000 rows) would draw from meaningless ids, or fail on one past the table."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if not (folder / encoder / "config.json").is_file() or not (folder / tokenizer).is_dir():
+            continue
+        rows = json.loads((folder / encoder / "config.json").read_text())["vocab_size"]
+        pieces = len(AutoTokenizer.from_pretrained(folder / tokenizer))
+        if pieces != rows:
+            raise ValueError(f"{what} {folder}: {tokenizer} has {pieces:,} pieces but {encoder} has {rows:,} "
+                             f"embedding rows, so they were not trained together: assemble the model again from "
+                             f"one stage-3 folder (notebook 04, assembly.assemble), or give the matching tokenizer")
 
 
 def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None,
@@ -290,14 +308,18 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
         variant = profile.models.variant
         found = resolve_all({"Japanese SDXL base": (base_id, "pipeline", variant),
                              "Japanese SDXL refiner": (refiner or refiner_id(base_id), "pipeline", variant)})
+        for role, path in found.items():
+            check_text_parts(path, role)
         return JapaneseModel(found["Japanese SDXL base"], found["Japanese SDXL refiner"], variant)
     out = assembled_dir(profile)
     students = require(profile, "distill", *TEXT_PARTS)  # no trained encoders yet: says to run `jpsdxl distill`
     if (out / "base").is_dir() and (out / "refiner").is_dir():
         recorded = json.loads((out / "source.json").read_text()) if (out / "source.json").exists() else {}
         if recorded.get("fingerprint") == fingerprint(students):
+            check_text_parts(out / "base", "the assembled model")
             return JapaneseModel(out / "base", out / "refiner")
         print(f"stage 3's encoders in {students} changed since {out} was assembled: assembling it again",
               file=sys.stderr)
     assemble(profile, students, out)
+    check_text_parts(out / "base", "the assembled model")
     return JapaneseModel(out / "base", out / "refiner")

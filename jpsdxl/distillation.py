@@ -183,12 +183,14 @@ def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "s
     causal under SDPA even with ``config.is_causal=False`` (it passes ``is_causal=True`` to the kernel), so the
     student also switches to eager attention, which honours the mask alone.
     """
-    from .embedding_init import initial_rows, needs_mapping
+    from .embedding_init import check_mapping, initial_rows, needs_mapping
     from .encoders import japanese_copy
 
     if mapping is None and needs_mapping(strategy):
         raise ValueError(f"init strategy {strategy!r} needs stage 2's mapping: run notebook 02 (it writes "
                          f"runs/<profile>/02_embedding_init/mapping.pt), or use strategy 'mean' or 'random'.")
+    if mapping is not None and needs_mapping(strategy):
+        check_mapping(mapping, tokenizer)  # made for this tokenizer, piece by piece, or refused
     copies = []
     for teacher, tok, teacher_tok in ((teachers.text_encoder, tokenizer, teachers.tokenizer),
                                       (teachers.text_encoder_2, tokenizer_2, teachers.tokenizer_2)):

@@ -448,6 +448,24 @@ def run(profile, progress: bool = True) -> Mapping:
     return mapping
 
 
+class MappingMismatch(ValueError):
+    """Stage 2's mapping was made for another Japanese tokenizer than the one it is used with."""
+
+
+def check_mapping(mapping: Mapping, tokenizer) -> None:
+    """A mapping names each Japanese piece by id and by text: both must be the tokenizer's, or its rows would start
+    from another piece's neighbour (a tokenizer retrained after ``jpsdxl init``, with another vocabulary size or
+    data). One line that says what to run."""
+    ids = [int(i) for i in mapping.ja.ids]
+    size = len(tokenizer)
+    found = tokenizer.convert_ids_to_tokens([i if i < size else 0 for i in ids])  # one call: 51k ids on full
+    same = [i < size and f == p for i, f, p in zip(ids, found, mapping.ja.pieces)]
+    if not all(same):
+        raise MappingMismatch(f"stage 2's mapping was made for another Japanese tokenizer: {same.count(False):,} of "
+                              f"{len(ids):,} pieces differ (this tokenizer has {size:,}): run `jpsdxl init` (notebook "
+                              f"02) again for this profile's tokenizer")
+
+
 def stage_mapping(profile, required: bool = True) -> Mapping | None:
     """Stage 2's mapping for ``profile`` as ``run`` (or notebook 02) saved it. Missing: an error that says to run
     ``jpsdxl init``, or ``None`` when not ``required``."""

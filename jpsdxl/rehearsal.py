@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-VERSION = "1"  # bump when a repository below changes: an older stand-in is rebuilt
+VERSION = "2"  # bump when a repository below changes: an older stand-in is rebuilt
 SDXL_BASE, SDXL_REFINER = "stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0"
 VAE_FIX = "madebyollin/sdxl-vae-fp16-fix"
 LINE = "line-corporation/japanese-large-lm-3.6b"
@@ -158,7 +158,13 @@ def _line_repo(work: Path, pairs) -> dict:
             "tokenizer_config.json": json.dumps({**special, "tokenizer_class": "T5Tokenizer", "extra_ids": 0,
                                                  "model_max_length": 2048, "keep_accents": True}).encode(),
             "config.json": json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
-                                       "vocab_size": 51200}).encode()}
+                                       "vocab_size": _pieces(prefix.with_suffix(".model"))}).encode()}
+
+
+def _pieces(model_file: Path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(model_file)).get_piece_size()
 
 
 def _e5_repo(work: Path, pairs) -> dict:
@@ -206,7 +212,7 @@ def _published_repos(work: Path, line: dict) -> dict[str, dict]:
             if index.get(sub, [None])[0] is None:
                 continue
             config = cls.config_class.from_pretrained(folder / sub)
-            config.vocab_size = 51200  # LINE's vocabulary size, as the card's encoders
+            config.vocab_size = _pieces(line["spiece.model"])  # a row per piece of LINE's tokenizer, as the card's
             torch.manual_seed(1)
             cls(config).save_pretrained(work / f"jp-{role}" / sub)
             files |= _folder_files(work / f"jp-{role}" / sub, f"{sub}/")

@@ -313,3 +313,25 @@ def test_a_stage_3_folder_draws_through_the_english_unets(model, pipelines, ja_t
     assert base.tokenizer("赤い丸").input_ids == ja_tokenizers[0]("赤い丸").input_ids
     with pytest.raises(FileNotFoundError, match="lacks text_encoder"):
         A.with_students(pipelines, tmp_path)
+
+
+def test_a_tokenizer_that_does_not_fit_its_text_encoder_is_refused_before_drawing(tiny, model, tmp_path, splits,
+                                                                                  capsys):
+    """A 1,800-piece tokenizer beside a 2,000-row embedding (another run's tokenizer copied in): one line, exit 2,
+    no image drawn from meaningless ids."""
+    import shutil
+
+    from jpsdxl.cli import main
+    from jpsdxl.tokenization import sentencepiece_to_fast, train_sentencepiece
+
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, symlinks=True)  # the base's text parts are copies; its tokenizer is replaced
+    other = sentencepiece_to_fast(train_sentencepiece([j for j, _ in splits.train[:5000]], tmp_path / "o.model",
+                                                      vocab_size=1800, character_coverage=0.98))
+    shutil.rmtree(copy / "base" / "tokenizer")
+    other.save_pretrained(copy / "base" / "tokenizer")
+    with pytest.raises(ValueError, match=r"tokenizer has 1,800 pieces but text_encoder has 2,000 embedding rows"):
+        A.japanese_model(tiny, copy)
+    out = tmp_path / "x.png"
+    assert main(["generate", "赤い丸", "--model", str(copy), "--out", str(out), "--steps", "1"]) == 2
+    assert not out.exists() and "not trained together" in capsys.readouterr().err

@@ -171,3 +171,26 @@ def test_mapping_saves_and_reloads(tmp_path):
     assert settings == {"embedder": "x", "candidates": "all"} and torch.equal(again.en_ids, m.en_ids)
     lines = (tmp_path / "mapping.tsv").read_text(encoding="utf-8").splitlines()
     assert lines[0] == "ja_piece\ten_token\tscore" and lines[1] == "▁猫\tcat\t0.9000" and len(lines) == 4
+
+
+def test_a_mapping_made_for_another_tokenizer_is_refused(ja_tokenizers, small_spm, tmp_path, splits):
+    """jpsdxl init at one vocabulary, then the tokenizer retrained at another: the students must not start from
+    other pieces' neighbours (1,718 of 1,739 rows were wrong in a probe), nor crash with an IndexError."""
+    from jpsdxl.distillation import Teachers, make_students
+    from jpsdxl.generation import load_pipelines
+    from jpsdxl.core.profiles import load_profile
+    from jpsdxl.tokenization import sentencepiece_to_fast, train_sentencepiece
+
+    tok = ja_tokenizers[0]
+    ja, rng = E.japanese_vocab(tok), torch.Generator().manual_seed(0)
+    mapping = E.Mapping(ja, ja, torch.rand(len(ja), 5, generator=rng), torch.randint(49408, (len(ja), 5), generator=rng))
+    E.check_mapping(mapping, tok)  # its own tokenizer: fine
+    for size in (1800, 2500):  # fewer pieces (ids beyond it) and more (ids shifted)
+        other = sentencepiece_to_fast(train_sentencepiece([j for j, _ in splits.train[:5000]], tmp_path / f"{size}.model",
+                                                          vocab_size=size, character_coverage=0.98))
+        with pytest.raises(E.MappingMismatch, match=r"pieces differ .*run `jpsdxl init`"):
+            E.check_mapping(mapping, other)
+    base, _ = load_pipelines(load_profile("tiny"))
+    teachers = Teachers(base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2)
+    with pytest.raises(E.MappingMismatch):
+        make_students(teachers, other, other, "similarity", mapping)

@@ -31,6 +31,7 @@ def test_offline_full_fails_fast_with_instructions(monkeypatch, tmp_path):
 
 
 def test_local_folder_passes_through(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
     assert resolve(str(tmp_path)) == tmp_path
 
 
@@ -139,3 +140,11 @@ def test_single_model_and_tokenizer_fetch_lists():
     assert pick(vae_repo, model_files()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     line_repo = ["config.json", "pytorch_model.bin", "spiece.model", "tokenizer_config.json", "README.md"]
     assert pick(line_repo, TOKENIZER_FILES) == ["spiece.model", "tokenizer_config.json"]
+
+
+def test_a_profile_pipeline_folder_must_be_a_pipeline(tmp_path):
+    """An existing folder that is not a pipeline (a typo one level up): one line, not 'Repo id must be...'."""
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelNotAvailable, match="SDXL base .*not a diffusers pipeline folder"):
+        resolve(str(tmp_path), "SDXL base", kind="pipeline")
+    assert resolve(str(tmp_path), "VAE", kind="model") == tmp_path  # a single model: its own check when loaded

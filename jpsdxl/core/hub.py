@@ -80,6 +80,9 @@ def resolve(spec: str, what: str = "model", kind: str = "pipeline", variant: str
         raise ValueError(f"{spec!r} is built by the zoo, not fetched: use jpsdxl.core.models.resolve")
     path = Path(spec).expanduser()
     if path.exists():
+        if kind == "pipeline" and not (path / "model_index.json").is_file():
+            raise ModelNotAvailable([f"{what} {spec!r}: a folder without model_index.json, so not a diffusers pipeline "
+                                     f"folder (give the folder that holds model_index.json, or a hub id)"])
         return path
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelNotAvailable([f"{what} {spec!r}: no such folder, and not a hub id of the form 'owner/name'"])
