@@ -368,7 +368,7 @@ def _prepare_students(students: Students, cfg) -> None:
             te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int,
+def _resume(accelerator, scheduler, folder: Path | None, fixed: dict,
             resume: bool = True) -> tuple[int, list[dict], int | None]:
     """(step, log, resumed_from) from the newest readable checkpoint in ``folder``, or a fresh start. accelerate's
     ``load_state`` restores model, optimiser and every RNG (tensors only: ``weights_only`` loading), the scheduler
@@ -382,7 +382,7 @@ def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int,
     found = checkpoints(folder) if folder and resume else []
     passed_over = []
     for ckpt in found:
-        state, problem = _checked_state(ckpt, cfg, seed)
+        state, problem = _checked_state(ckpt, fixed)
         problem = problem or _damage(ckpt, state)
         if problem is None:
             try:
@@ -401,7 +401,7 @@ def _resume(accelerator, scheduler, folder: Path | None, cfg, seed: int,
     return 0, [], None
 
 
-def _checked_state(ckpt: Path, cfg, seed: int) -> tuple[dict, str | None]:
+def _checked_state(ckpt: Path, fixed: dict) -> tuple[dict, str | None]:
     """(trainer_state.json, None), or ({}, what is wrong) if it is unreadable; after the refusals that no older
     checkpoint would answer: pickled state (loading it could run code), settings that differ from the profile's."""
     pickles = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
@@ -416,22 +416,39 @@ def _checked_state(ckpt: Path, cfg, seed: int) -> tuple[dict, str | None]:
         raise ValueError(f"{ckpt} was written without its scheduler state (by an older jpsdxl): start fresh "
                          f"(--fresh, or resume=False).")
     saved = state["settings"]  # present in every checkpoint that has the scheduler's JSON (checked above)
-    differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in _fixed_settings(cfg, seed).items() if saved.get(k) != v]
-    if differ:  # the optimiser and schedule in the checkpoint were made for the old values: refuse, do not mix
-        raise ValueError(f"{ckpt} was written with other settings ({'; '.join(differ)}). Resume with the same "
-                         f"settings, or start fresh (--fresh, or resume=False).")
+    differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in fixed.items() if saved.get(k) != v]
+    if differ:  # the optimiser, schedule and data position were made for the old values: refuse, do not mix
+        raise ValueError(f"{ckpt} was written with other settings or inputs ({'; '.join(differ)}). Resume with the "
+                         f"same ones, or start fresh (jpsdxl distill --fresh, or resume=False).")
     return state, None
 
 
 # what a checkpoint's optimiser, schedule and data position were made for: a resumed run must not change them
-_FIXED = ("batch_size", "steps", "lr", "embedding_lr", "schedule", "warmup_steps", "weight_decay", "loss_weights")
+_FIXED = ("batch_size", "steps", "lr", "embedding_lr", "schedule", "warmup_steps", "weight_decay", "loss_weights",
+          "shapes_share", "empty_share")
+STREAM_PAIRS_HASHED = 10_000  # a streamed corpus is known by its first pairs: reading all of it would take hours
 
 
-def _fixed_settings(cfg, seed: int) -> dict:
-    return {"seed": seed, **{k: getattr(cfg, k) for k in _FIXED}}
+def _fixed_settings(cfg, seed: int, inputs: dict | None = None) -> dict:
+    return {"seed": seed, **{k: getattr(cfg, k) for k in _FIXED}, **(inputs or {})}
 
 
-def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: int, cfg, seed: int,
+def input_hashes(students: "Students", pairs) -> dict:
+    """Content hashes of what a run's checkpoints were made from: both Japanese tokenizers (every piece and id) and
+    the training pairs (all of a list corpus and the extra pairs; a streamed one's first ``STREAM_PAIRS_HASHED``).
+    A resume across another tokenizer or other data is refused, not continued into wrong rows."""
+    import hashlib
+
+    def digest(lines) -> str:  # one join, one hash: 200k Tatoeba pairs in a few hundredths of a second
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+    corpus = islice(pairs.corpus, STREAM_PAIRS_HASHED) if pairs.streamed else pairs.corpus
+    vocab = [f"{piece}\t{i}" for t in (students.tokenizer, students.tokenizer_2)
+             for piece, i in sorted(t.get_vocab().items())]
+    return {"tokenizers": digest(vocab), "data": digest(f"{ja}\t{en}" for ja, en in [*corpus, *pairs.extra])}
+
+
+def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: int, cfg, fixed: dict,
                      log: list[dict]) -> None:
     """``folder/checkpoints/step-NNNNNNN`` via accelerate's ``save_state``, written under a temporary name and
     renamed only once complete (an atomic write: a reader never sees half a checkpoint); older ones pruned."""
@@ -459,7 +476,7 @@ def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: i
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / "trainer_state.json", {"step": step, "pairs_seen": step * cfg.batch_size, "log": log,
                                                  "scheduler": scheduler.state_dict(),  # JSON: no pickle
-                                                 "settings": _fixed_settings(cfg, seed),
+                                                 "settings": fixed,
                                                  "files": files})  # sizes: a cut file is noticed on resume
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
@@ -560,7 +577,8 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     scheduler = _scheduler(optimizer, cfg)
     model, optimizer = accelerator.prepare(students, optimizer)  # the scheduler is checkpointed as JSON, by us
     folder = Path(folder) if folder else None
-    step, log, resumed_from = _resume(accelerator, scheduler, folder, cfg, seed, resume)
+    fixed = _fixed_settings(cfg, seed, input_hashes(students, pairs))
+    step, log, resumed_from = _resume(accelerator, scheduler, folder, fixed, resume)
     before = log[0] if log else {"step": 0, **{f"eval_{k}": v for k, v in held_out.measure(students).items()}}
     if not log:
         log.append(before)
@@ -599,7 +617,7 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
             if step % log_every == 0 or "eval_loss" in row:
                 log.append(row)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_checkpoint(accelerator, model, scheduler, folder, step, cfg, seed, log)
+                _save_checkpoint(accelerator, model, scheduler, folder, step, cfg, fixed, log)
     finally:
         bar.close()
     seconds = time.perf_counter() - started - evaluating

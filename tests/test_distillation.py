@@ -597,3 +597,16 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_folder_and_says_s
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # (progress bars write there too)
     assert "Traceback" not in err and len(errors) == 1 and "step-0000002 could not be written" in errors[0]
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir()]  # no .partial left behind
+
+
+def test_a_resume_across_another_tokenizer_or_other_data_is_refused(setup, ja_tokenizers, tmp_path):
+    """distill, then the data file's content replaced (or the tokenizer retrained), then the same command: the run
+    must not "resume" into rows and a data position made for other inputs (a probe printed the old run's metrics)."""
+    D.distil(setup, tmp_path, progress=False, stop_after=2)  # a checkpoint of step 2
+    other_data = dataclasses.replace(setup, splits=dataclasses.replace(setup.splits, train=setup.splits.train[::-1]))
+    with pytest.raises(ValueError, match=r"other settings or inputs \(data .*--fresh"):
+        D.distil(other_data, tmp_path, progress=False, stop_after=1)
+    other_tokenizer = dataclasses.replace(setup, tokenizer=ja_tokenizers[0], tokenizer_2=ja_tokenizers[1])
+    with pytest.raises(ValueError, match=r"other settings or inputs \(tokenizers "):
+        D.distil(other_tokenizer, tmp_path, progress=False, stop_after=1)
+    assert D.distil(setup, tmp_path, progress=False, stop_after=1).resumed_from == 2  # the same inputs: resumes
