@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .core.runs import atomic_path, write_json
+from .core.runs import atomic_path, refuse_link, write_json
 from .data import TrainingPairs
 from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
     TARGETS, Outputs, TokenIds, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms,
@@ -376,8 +376,11 @@ def _resume(accelerator, scheduler, folder: Path | None, fixed: dict,
     A damaged checkpoint (cut short, a file missing) is passed over for the next older one, and the run says so.
     ``resume=False``: a fresh start, and the folder's old checkpoints are deleted (a fresh run must never keep, or
     later resume into, another run's checkpoints)."""
-    if folder and not resume and accelerator.is_main_process:
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    if folder:
+        for path in (folder, folder / "checkpoints"):  # never write or prune through a link
+            refuse_link(path)
+    if folder and not resume and accelerator.is_main_process and (folder / "checkpoints").exists():
+        shutil.rmtree(folder / "checkpoints")  # --fresh: what cannot be removed stops the run, not skipped
     accelerator.wait_for_everyone()
     found = checkpoints(folder) if folder and resume else []
     passed_over = []

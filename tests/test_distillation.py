@@ -610,3 +610,29 @@ def test_a_resume_across_another_tokenizer_or_other_data_is_refused(setup, ja_to
     with pytest.raises(ValueError, match=r"other settings or inputs \(tokenizers "):
         D.distil(other_tokenizer, tmp_path, progress=False, stop_after=1)
     assert D.distil(setup, tmp_path, progress=False, stop_after=1).resumed_from == 2  # the same inputs: resumes
+
+
+def test_a_linked_checkpoint_folder_is_refused_and_its_target_left_alone(setup, tmp_path):
+    """runs/<p>/03_distillation/checkpoints made a link to another folder: `distill --fresh` once wrote its
+    checkpoints there and deleted that folder's own step-0000001/. Now: refused before anything is written."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "step-0000001").mkdir(parents=True)
+    (elsewhere / "step-0000001" / "keep.txt").write_text("someone else's")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere)
+    for resume in (False, True):
+        with pytest.raises(OSError, match="is a link .*replace the link with a real folder"):
+            D.distil(setup, run, progress=False, resume=resume, stop_after=1)
+    assert [p.name for p in elsewhere.iterdir()] == ["step-0000001"]
+    assert (elsewhere / "step-0000001" / "keep.txt").exists()
+
+
+def test_a_linked_stage_folder_is_refused(tiny, tmp_path, monkeypatch):
+    from jpsdxl.core.runs import LinkInRuns, stage_dir
+
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path / "runs"))
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "03_distillation").symlink_to(tmp_path)
+    with pytest.raises(LinkInRuns, match="03_distillation is a link"):
+        stage_dir(tiny, "distill")

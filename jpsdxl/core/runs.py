@@ -85,9 +85,26 @@ class StageOutputMissing(FileNotFoundError):
 
 
 def stage_dir(profile, stage: str, create: bool = True) -> Path:
-    """``runs/<profile>/<stage folder>`` (``profile``: a Profile or its name)."""
+    """``runs/<profile>/<stage folder>`` (``profile``: a Profile or its name); a stage folder that is a link is
+    refused (``refuse_link``)."""
     name = getattr(profile, "name", profile)
+    folder = runs_dir(name, STAGES[stage].folder, create=False)
+    refuse_link(folder)
     return runs_dir(name, STAGES[stage].folder, create=create)
+
+
+class LinkInRuns(OSError):
+    """A stage or checkpoint folder is a link: a stage writes and deletes only inside its runs folder."""
+
+
+def refuse_link(folder: str | Path) -> Path:
+    """``folder`` as a Path, unless it is a link: writing through it would fill, and pruning would delete, whatever
+    it points at (another run's checkpoints, say)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise LinkInRuns(f"{folder} is a link (to {os.readlink(folder)}): jpsdxl writes and deletes only inside its "
+                         f"runs folder; replace the link with a real folder (or point JPSDXL_RUNS / --out elsewhere)")
+    return folder
 
 
 def require(profile, stage: str, *names: str) -> Path:
