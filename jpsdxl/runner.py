@@ -25,7 +25,7 @@ from pathlib import Path
 from .core.hub import is_offline
 from .core.models import resolve_profile
 from .core.profiles import load_profile
-from .core.runs import atomic_path, ensure_writable, load_metrics, runs_dir, write_json
+from .core.runs import STAGES, atomic_path, ensure_writable, load_metrics, runs_dir, write_json
 from .core.runs import runs_root as default_runs_root
 
 
@@ -72,8 +72,9 @@ FINGERPRINT = "fingerprint"
 
 
 def fingerprint(notebook: Path, profile, root: Path) -> str:
-    """One hash of everything a notebook's outputs depend on: its own text, the profile's settings, every file of
-    the package (code, profiles, the shapes world's weights), every installed distribution's version, and what the
+    """One hash of everything a notebook's outputs depend on: its own text, the profile's settings and the local
+    files it names (``local_inputs``: size, time and inode of each), every file of the package (code, profiles, the
+    shapes world's weights), every installed distribution's version, and what the
     notebooks before it left: their fingerprints and the size and time of every file in their folders (their outputs
     are its inputs: a rerun of 02, or ``jpsdxl distill`` writing new students into 03's folder, makes 04 stale)."""
     h = hashlib.sha256(notebook.read_bytes())
@@ -86,6 +87,8 @@ def fingerprint(notebook: Path, profile, root: Path) -> str:
     # lists jpsdxl again, and a fingerprint must not depend on how the runner was started
     h.update(" ".join(sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()}))
              .encode())
+    for path in local_inputs(profile):  # the data file, a local tokenizer or model: their content, not their names
+        h.update(f"{path} {_stat(path)}".encode())
     for earlier in notebooks(notebook.parent):
         if earlier.stem < notebook.stem:
             folder = runs_dir(profile.name, earlier.stem, root, create=False)
@@ -127,6 +130,27 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def local_inputs(profile) -> list[Path]:
+    """The local files and folders a profile names (its data file, a tokenizer or model folder): hub ids, zoo
+    recipes and Tatoeba (pinned by its checksum) are not paths."""
+    m = profile.models
+    named = (profile.data.pairs.removeprefix("hf:"), profile.tokenizer.source, m.base, m.refiner, m.vae, m.published)
+    return [Path(p).expanduser() for p in named if p and not p.startswith("zoo:") and Path(p).expanduser().exists()]
+
+
+def _stat(path: Path) -> str:
+    """Size, modification time and inode of a file, or of every file in a folder: a changed file changes it (a
+    content hash of a 7 GB model folder would cost a minute on every run)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return " ".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}:{f.stat().st_ino}" for f in files)
+
+
+def missing_outputs(notebook: Path, folder: Path) -> list[str]:
+    """The outputs the notebook's stage declares (``runs.STAGES``) that its folder lacks: such a run is not reused."""
+    declared = next((s.outputs for s in STAGES.values() if s.folder == notebook.stem), ())
+    return [name for name in declared if not (folder / name).exists()]
 
 
 def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_root: str | Path | None = None,
@@ -178,7 +202,7 @@ def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, pro
         out_dir = runs_dir(name, nb.stem, root)
         executed, saved, current = out_dir / nb.name, out_dir / FINGERPRINT, fingerprint(nb, loaded, root)
         kept = load_metrics(out_dir) if not force and saved.exists() and executed.exists() else {}
-        if kept and saved.read_text() == current:
+        if kept and saved.read_text() == current and not missing_outputs(nb, out_dir):
             if html and not executed.with_suffix(".html").exists():  # the last run was --no-html
                 export_html(executed)
             summary.append({**before.get(nb.stem, {"notebook": nb.stem, "seconds": 0.0, "executed": str(executed)}),

@@ -178,3 +178,42 @@ def test_another_library_version_is_another_fingerprint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distributions", lambda: [Upgraded if d is torch else d for d in installed])
     assert runner.fingerprint(tmp_path / "00_a.ipynb", load_profile("tiny"), tmp_path) != before
+
+
+def test_a_notebook_is_reused_only_while_its_data_file_and_its_outputs_are_what_they_were(tmp_path, monkeypatch):
+    """The probes: the content of the profile's data file replaced (same path), then a stage output (mapping.pt)
+    deleted by hand: each time the notebook runs again instead of being 'reused'."""
+    import shutil
+
+    import nbformat
+    import papermill
+
+    from jpsdxl import runner
+    from jpsdxl.core.profiles import derive, load_profile, save_profile
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("# 02")]), nbs / "02_embedding_init.ipynb")
+    executed = []
+
+    def fake(source, output, parameters, **_):
+        shutil.copy(source, output)
+        for name in ("mapping.pt", "mapping.tsv"):
+            (Path(parameters["run_dir"]) / name).write_text("made")
+        save_metrics(parameters["run_dir"], {"ran": True})
+        executed.append(Path(source).stem)
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    data = tmp_path / "my.tsv"
+    data.write_text("猫\tcat\n", encoding="utf-8")
+    profile = save_profile(derive(load_profile("tiny"), name="mine", data={"pairs": str(data)}), tmp_path / "mine.toml")
+    run = lambda: runner.run_notebooks(str(profile), runs_root=tmp_path / "runs", notebook_dir=nbs,  # noqa: E731
+                                       html=False, progress=False)
+    run(), run()
+    assert executed == ["02_embedding_init"]  # the second run reused it
+    data.write_text("犬\tdog\n", encoding="utf-8")  # new content, same path
+    run()
+    assert executed == ["02_embedding_init"] * 2
+    (tmp_path / "runs" / "mine" / "02_embedding_init" / "mapping.pt").unlink()
+    run()
+    assert executed == ["02_embedding_init"] * 3

@@ -69,14 +69,15 @@ def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None 
 class Stage(NamedTuple):
     folder: str  # under runs/<profile>/: also the notebook's name
     command: str  # the CLI sub-command that makes the stage's outputs
+    outputs: tuple[str, ...] = ()  # what its notebook leaves besides metrics.json: a run is reused only with all of it
 
 
 STAGES = {
     "overview": Stage("00_overview", "run --only 00"),
     "tokenizer": Stage("01_tokenizer_alignment", "tokenizer"),
-    "init": Stage("02_embedding_init", "init"),
-    "distill": Stage("03_distillation", "distill"),
-    "generate": Stage("04_generation", "generate"),
+    "init": Stage("02_embedding_init", "init", ("mapping.pt", "mapping.tsv")),
+    "distill": Stage("03_distillation", "distill", ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
+    "generate": Stage("04_generation", "generate", ("judged.png",)),
 }
 
 
