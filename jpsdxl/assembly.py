@@ -82,8 +82,15 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
                     _link(english[role] / name, tmp / name, out / role, copy=copy)
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         result[role] = out / role
-    write_json(out / "source.json", {"students": str(students_dir.resolve()), "fingerprint": fingerprint(students_dir)})
+    write_json(out / "source.json", sources(students_dir, folders))
     return result
+
+
+def sources(students_dir: str | Path, english: dict) -> dict:
+    """What an assembled model is made of (``source.json``): stage 3's students (``fingerprint``) and the English
+    folders it links to or copies (base, refiner, VAE: another snapshot is another folder)."""
+    return {"students": str(Path(students_dir).resolve()), "fingerprint": fingerprint(students_dir),
+            "english": {role: str(Path(folder).resolve()) for role, folder in sorted(english.items())}}
 
 
 def fingerprint(students_dir: str | Path) -> str:
@@ -315,11 +322,11 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
     students = require(profile, "distill", *TEXT_PARTS)  # no trained encoders yet: says to run `jpsdxl distill`
     if (out / "base").is_dir() and (out / "refiner").is_dir():
         recorded = json.loads((out / "source.json").read_text()) if (out / "source.json").exists() else {}
-        if recorded.get("fingerprint") == fingerprint(students):
+        if recorded == sources(students, resolve_profile(profile, PIPELINE_ROLES)):
             check_text_parts(out / "base", "the assembled model")
             return JapaneseModel(out / "base", out / "refiner")
-        print(f"stage 3's encoders in {students} changed since {out} was assembled: assembling it again",
-              file=sys.stderr)
+        print(f"stage 3's encoders in {students} or the profile's English model changed since {out} was assembled: "
+              f"assembling it again", file=sys.stderr)
     assemble(profile, students, out)
     check_text_parts(out / "base", "the assembled model")
     return JapaneseModel(out / "base", out / "refiner")

@@ -234,6 +234,15 @@ def test_a_model_assembled_from_older_encoders_is_assembled_again(tiny, model, t
     assert A.japanese_model(tiny) == first
     assert "assembling it again" in capsys.readouterr().err
     assert (first.base.parent / "source.json").read_text() != recorded
+    # the profile pointed at other English weights (same encoders): its links must not stay on the old ones
+    from jpsdxl.core.models import resolve
+    from jpsdxl.core.profiles import derive
+
+    other = tmp_path / "other-base"
+    shutil.copytree(resolve(tiny.models.base), other)
+    assert A.japanese_model(derive(tiny, models={"base": str(other)})) == first
+    assert "assembling it again" in capsys.readouterr().err
+    assert (first.base / "unet").resolve() == (other / "unet").resolve()
 
 
 @pytest.mark.parametrize("damage, message", [
