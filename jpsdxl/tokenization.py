@@ -22,6 +22,7 @@ import io
 import json
 import random
 import re
+import sys
 import unicodedata
 import warnings
 from collections import Counter
@@ -210,6 +211,18 @@ def _specials_from_folder(folder: Path) -> dict[str, str] | None:
 # the profile's Japanese tokenizers
 
 
+def _readable(model_file: Path) -> bool:
+    """Does the file load as a sentencepiece model, with its normalisation table (what the fast tokenizer reads)?"""
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(model_file))
+        _model_proto(model_file)
+    except Exception:  # noqa: BLE001 - sentencepiece says RuntimeError or OSError, protobuf DecodeError
+        return False
+    return True
+
+
 def sentencepiece_model(profile, japanese_texts: Sequence[str] | None = None) -> tuple[Path, dict | None]:
     """The profile's sentencepiece model file: trained on ``japanese_texts`` (and cached by their content), or from a
     hub/local tokenizer folder (``tokenizer.source``; the texts are then not needed)."""
@@ -231,6 +244,9 @@ def sentencepiece_model(profile, japanese_texts: Sequence[str] | None = None) ->
     settings = [cfg.vocab_size, cfg.character_coverage, cfg.byte_fallback, profile.seed]
     key = hashlib.sha256(json.dumps([settings, texts], ensure_ascii=False).encode()).hexdigest()[:12]
     model = cache_dir("tokenizers", f"spm-{cfg.vocab_size}-{key}") / "spiece.model"
+    if model.exists() and not _readable(model):  # a cache file cut short or damaged: rebuilt, never trusted
+        print(f"{model} is damaged (not a readable sentencepiece model): training it again", file=sys.stderr)
+        model.unlink()
     if not model.exists():
         print(f"Training a {cfg.vocab_size:,}-piece sentencepiece model on {len(texts):,} sentences (once; cached in "
               f"{model.parent})")

@@ -301,3 +301,19 @@ def test_over_long_training_sentences_are_named_not_an_internal_error(tmp_path):
     short = [f"猫が{i}匹いる。" for i in range(300)]
     with pytest.warns(UserWarning, match=r"1 of 301 tokenizer training sentences are over 4,192 bytes"):
         train_sentencepiece(short + ["犬" * (MAX_SENTENCE_BYTES // 3 + 1)], tmp_path / "y.model", vocab_size=290)
+
+
+def test_a_damaged_cached_sentencepiece_model_is_trained_again(tmp_path, monkeypatch, splits, tiny, capsys):
+    """A cache file cut short (a full disk, a killed copy): rebuilt, not trusted (it once ended in a DecodeError)."""
+    import dataclasses
+
+    monkeypatch.setenv("JPSDXL_CACHE", str(tmp_path))
+    profile = dataclasses.replace(tiny, tokenizer=dataclasses.replace(tiny.tokenizer, vocab_size=1800,
+                                                                      character_coverage=0.98, train_sentences=3000))
+    texts = [ja for ja, _ in splits.train[:3000]]
+    model, _ = T.sentencepiece_model(profile, texts)
+    good = model.read_bytes()
+    model.write_bytes(good[: len(good) // 2])
+    again, _ = T.sentencepiece_model(profile, texts)
+    assert again == model and again.read_bytes() == good and "damaged" in capsys.readouterr().err
+    assert T.japanese_tokenizers(profile, texts)[0]("猫")["input_ids"][-1] == 3  # and it loads
