@@ -350,8 +350,13 @@ MAX_PROMPTS_FILE = 1_000_000  # bytes: thousands of prompts; a bigger file is al
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file, one per line (blank lines skipped); a clear error for what cannot be used."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise IsADirectoryError(f"--prompts-file {path}: a folder, not a file (give the text file inside it)")
+    if not path.exists():
         raise FileNotFoundError(f"--prompts-file {path}: no such file (write one prompt per line)")
+    if not path.is_file():  # a pipe would be read until its writer closes it, a device forever
+        raise ValueError(f"--prompts-file {path}: not a regular file (a pipe or a device): write the prompts to a "
+                         f"text file first, one per line")
     if path.stat().st_size > MAX_PROMPTS_FILE:
         raise ValueError(f"--prompts-file {path}: {path.stat().st_size:,} bytes, over the {MAX_PROMPTS_FILE:,} this "
                          f"command reads at once; split it into smaller files")
@@ -376,10 +381,12 @@ def output_paths(out: str | Path, n: int) -> list[Path]:
     out = Path(out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"--out {out}: give an image file name ending in .png, .jpg or .webp, or a folder")
-    if n == 1:
-        return [out]
     width = max(2, len(str(n)))
-    return [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(1, n + 1)]
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(1, n + 1)]
+    links = [str(p) for p in paths if p.is_symlink()]
+    if links:  # writing would replace the link, and a reader of its target would be left with the old image
+        raise ValueError(f"--out {links[0]} is a link: jpsdxl writes no image through a link; give a file name")
+    return paths
 
 
 if __name__ == "__main__":

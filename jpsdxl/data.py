@@ -134,6 +134,9 @@ def _open_file(path: str | Path):
                         f"or use 'hf:{path}' to read the folder as a datasets source.")
     if not path.exists():
         raise DataError(f"{path}: no such data file (relative paths in a profile are read from the profile's folder).")
+    if not path.is_file():  # a pipe would block the reader until its writer closes it (forever, if there is none)
+        raise DataError(f"{path} is not a regular file (a pipe or a device): write the pairs to a .tsv or .jsonl file "
+                        f"and point data.pairs at it.")
     return open(path, "rb")
 
 

@@ -161,3 +161,27 @@ def test_a_full_disk_when_the_image_is_saved_is_one_line_and_leaves_no_half_imag
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert "Traceback" not in err and len(errors) == 1 and "No space left on device" in errors[0]
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_pipe_or_a_folder_as_input_and_a_link_as_output_get_their_own_line(tmp_path, capsys):
+    """A FIFO as --prompts-file or as data.pairs must not hang, nor be called 'no such file'; --out that is a link
+    to a file must not write through it."""
+    import os
+
+    from jpsdxl.core.profiles import derive, load_profile, save_profile
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    for source, message in ((fifo, "not a regular file"), (tmp_path, "a folder, not a file")):
+        assert main(["generate", "--prompts-file", str(source), "--out", str(tmp_path / "x.png")]) == 2
+        assert message in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pairs.tsv")
+    profile = save_profile(derive(load_profile("tiny"), name="piped", data={"pairs": str(tmp_path / "pairs.tsv")}),
+                           tmp_path / "p.toml")
+    assert main(["tokenizer", "--profile", str(profile)]) == 2  # returns at once: nothing opened the pipe
+    assert "not a regular file" in capsys.readouterr().err
+    target = tmp_path / "precious.png"
+    target.write_bytes(b"keep")
+    (tmp_path / "link.png").symlink_to(target)
+    assert main(["generate", "赤い丸", "--out", str(tmp_path / "link.png")]) == 2
+    assert "is a link" in capsys.readouterr().err and target.read_bytes() == b"keep"
