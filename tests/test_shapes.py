@@ -161,3 +161,16 @@ def test_the_library_snr_and_ema_keep_the_recipes_arithmetic():
         hand.lerp_(p.detach(), 1 - min(0.999, (1 + step) / (10 + step)))
         library.step([p])
     assert torch.allclose(library.shadow_params[0], hand, rtol=1e-6, atol=1e-6)
+
+
+def test_a_real_sdxl_gets_a_bounded_judged_sample(tiny):
+    """00 and 04 judge the shapes world's images; on a real SDXL (full, colab) the judge reads nothing, so they draw a
+    bounded sample instead of every combination with eight seeds (288 images at 1024², hours on a T4)."""
+    from jpsdxl.core.profiles import load_profile
+
+    prompts, targets = shapes.english_prompts()
+    drawn = shapes.judged_sample(tiny, prompts, targets)
+    assert (len(drawn[0]), len(drawn[2])) == (18, 8) and shapes.judged_seeds(tiny, 3) == shapes.EVAL_SEEDS[:3]
+    for name in ("full", "colab", "rehearse-colab"):
+        p, t, seeds = shapes.judged_sample(load_profile(name), prompts, targets)
+        assert (len(p), len(t), len(seeds)) == (6, 6, 1) and shapes.judged_seeds(load_profile(name), 3) == seeds
