@@ -68,23 +68,16 @@ def place(profile, base, refiner):
         for option in MEMORY_OPTIONS[1:]:
             apply_memory_option(base, refiner, option, device)
         return base, refiner
-    for pipe in (base, refiner):
-        for name in ("text_encoder", "text_encoder_2"):  # hooks of an earlier placement of shared parts go first
-            part = getattr(pipe, name, None)
-            if part is not None and hasattr(part, "_hf_hook"):
-                from accelerate.hooks import remove_hook_from_module
-
-                remove_hook_from_module(part)
     if how == "none":
         return base.to(device), refiner.to(device)
     apply_memory_option(base, refiner, "vae tiling + slicing")
-    hook = None
+    hook = None  # a hook replaces the one a shared part got when another pair was placed
     for te in (base.text_encoder, base.text_encoder_2):  # text_encoder_2 is the refiner's too
         if te is not None:
             _, hook = cpu_offload_with_hook(te.to("cpu"), device, prev_module_hook=hook)
     for pipe in (base, refiner):  # a UNet's call moves the last text encoder out; the UNet itself stays
         pipe.vae.to(device)
-        _, _ = cpu_offload_with_hook(pipe.unet.to(device), device, prev_module_hook=hook)
+        cpu_offload_with_hook(pipe.unet.to(device), device, prev_module_hook=hook)
     return base, refiner
 
 
