@@ -278,7 +278,7 @@ def _generate(args) -> int:
 
     from . import assembly as A
     from . import generation as G
-    from .core.profiles import load_profile
+    from .core.profiles import derive, load_profile
     from .core.runs import atomic_path, ensure_writable
     from .tokenization import check_prompts, encode_prompts
 
@@ -294,9 +294,9 @@ def _generate(args) -> int:
     ensure_writable(paths[0].parent, "--out")  # before minutes of loading and drawing, not after
     if args.size is not None and (args.size < 8 or args.size % 8 or args.size > 4096):
         raise ValueError(f"--size {args.size}: a multiple of 8 (the VAE halves the size three times), at most 4096")
-    if args.high_noise_frac is not None and not 0 < args.high_noise_frac < 1:
-        raise ValueError(f"--high-noise-frac {args.high_noise_frac}: a fraction between 0 and 1, e.g. 0.8")
     profile = load_profile(args.profile)
+    if args.high_noise_frac is not None:  # checked as the profile's own value is: one bound for both
+        profile = derive(profile, generate={"high_noise_frac": args.high_noise_frac})
     profile.check_device()
     if args.offload and profile.torch_device().type != "cuda":
         raise ValueError(f"--offload moves each part between the CPU and a CUDA GPU; profile {profile.name!r} runs on "
@@ -306,8 +306,8 @@ def _generate(args) -> int:
         base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device(), offload=True)
     else:  # where the profile's generate.offload puts them (colab: text encoders swapped in)
         base, refiner = G.place(profile, *A.load_assembled(model, profile.torch_dtype(), device=None))
-    overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
-                                       high_noise_frac=args.high_noise_frac).items() if v is not None}
+    overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance).items()
+                 if v is not None}
     if args.size:
         overrides.update(height=args.size, width=args.size)
     with warnings.catch_warnings(record=True) as caught:  # a prompt over 77 tokens: say once what was cut

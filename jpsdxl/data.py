@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tarfile
 import unicodedata
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import count, islice
@@ -101,10 +100,6 @@ class BadLines:
             more = " ..." if n > len(self.lines[reason]) else ""
             parts.append(f"  {n:,} x {reason} (lines {shown}{more})")
         return f"{self.source}: kept {self.kept:,} of {self.read:,} records, skipped {self.skipped:,}:\n" + "\n".join(parts)
-
-    def warn(self) -> None:
-        if self.skipped:
-            warnings.warn(str(self), stacklevel=3)
 
 
 class DataError(ValueError):

@@ -57,6 +57,7 @@ MODELS = '[models]\nbase = "zoo:tiny/base"\nrefiner = "zoo:tiny/refiner"\n'
     (MODELS + '[generate]\nsteps = 0\n', "generate.steps = 0: must be at least 1"),
     (MODELS + '[distill]\ncompare_eval_pairs = 0\n', "distill.compare_eval_pairs = 0: must be at least 2"),
     (MODELS + '[distill]\ncompare_steps = 0\n', "distill.compare_steps = 0: must be at least 1"),
+    (MODELS + '[generate]\nhigh_noise_frac = 1.0\n', "high_noise_frac = 1.0: the hand-off point"),  # as --high-noise-frac
     ('seed = \n', "not valid TOML"),
 ])
 def test_bad_profiles_name_the_file_and_key(tmp_path, body, message):

@@ -188,9 +188,6 @@ class Profile:
             total = torch.cuda.get_device_properties(self.torch_device()).total_memory / 2**30
             torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) / total), self.torch_device())
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the key."""
@@ -307,8 +304,9 @@ def _check_values(p: Profile, path: Path) -> None:
             bad(key, value, "a share in [0, 1)")
     if d.lr <= 0 or (d.embedding_lr is not None and d.embedding_lr <= 0):
         bad("distill.lr", d.lr, "learning rates must be positive")
-    if not 0 < p.generate.high_noise_frac <= 1:
-        bad("generate.high_noise_frac", p.generate.high_noise_frac, "the hand-off point, in (0, 1], e.g. 0.8")
+    if not 0 < p.generate.high_noise_frac < 1:  # at 1 the refiner would get no step: the base alone is refine=False
+        bad("generate.high_noise_frac", p.generate.high_noise_frac, "the hand-off point base -> refiner, a fraction "
+                                                                     "between 0 and 1, e.g. 0.8")
 
 
 def _local(value: str | None, folder: Path) -> str | None:
