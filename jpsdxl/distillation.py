@@ -171,6 +171,12 @@ def load_teachers(profile, cache: bool | None = None) -> Teachers:
     return Teachers(*load_english(profile), {} if use_cache else None)
 
 
+def starting_rows(profile, override: str | None = None) -> str:
+    """The stage-2 strategy the students start from: ``override``, else ``distill.init``, else ``init.strategy`` (the
+    one rule, for the trainer, the CLI and notebook 03)."""
+    return override or profile.distill.init or profile.init.strategy
+
+
 def make_students(teachers: Teachers, tokenizer, tokenizer_2, strategy: str = "similarity", mapping=None,
                   causal: bool = True, seed: int = 0, dtype: torch.dtype | None = torch.float32,
                   **options) -> Students:
@@ -713,7 +719,7 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
     p = setup.profile
     seed = p.seed if seed is None else seed
     cfg = dataclasses.replace(p.distill, **overrides)
-    strategy = cfg.init or p.init.strategy
+    strategy = starting_rows(p, cfg.init)
     if setup.mapping is None and needs_mapping(strategy):
         require(p, "init", "mapping.pt")  # raises: says to run `jpsdxl init`
     students = make_students(setup.teachers, setup.tokenizer, setup.tokenizer_2, strategy, setup.mapping,
@@ -737,7 +743,7 @@ def run(profile, out: str | Path | None = None, resume: bool = True, progress: b
     from .core.runs import ensure_writable, require, stage_dir
     from .embedding_init import needs_mapping
 
-    if needs_mapping(overrides.get("init") or profile.distill.init or profile.init.strategy):
+    if needs_mapping(starting_rows(profile, overrides.get("init"))):
         require(profile, "init", "mapping.pt")  # before anything loads: says to run `jpsdxl init`
     out = ensure_writable(Path(out).resolve() if out else stage_dir(profile, "distill"), "--out")
     result = distil(prepare(profile), out, resume=resume, progress=progress, **overrides)

@@ -154,11 +154,20 @@ def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> 
 # 2. held-out metrics
 
 
-def centred_cosines(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor, teacher_mean: torch.Tensor):
-    """``[n, n]`` cosine similarities of student(JA_i) and teacher(EN_j), both minus the teacher's mean output."""
-    a = F.normalize(student_pooled - teacher_mean, dim=-1)
+def centred_cosines(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor, teacher_mean: torch.Tensor,
+                    student_mean: torch.Tensor | None = None):
+    """``[n, n]`` cosine similarities of student(JA_i) and teacher(EN_j), both minus the teacher's mean output (or
+    each minus its own mean, with ``student_mean``: stage 4's images, where no reference mean exists)."""
+    a = F.normalize(student_pooled - (teacher_mean if student_mean is None else student_mean), dim=-1)
     b = F.normalize(teacher_pooled - teacher_mean, dim=-1)
     return a @ b.T
+
+
+def matched_and_mismatched(similarity: torch.Tensor) -> tuple[float, float]:
+    """The mean of the diagonal (JA_i with its own EN_i) and of everything off it (JA_i with EN_j, j != i)."""
+    n = similarity.shape[0]
+    diagonal = similarity.diagonal()
+    return float(diagonal.mean()), float((similarity.sum() - diagonal.sum()) / (n * n - n))
 
 
 def pool_retrieval(similarity: torch.Tensor, pool: int = 100, pools: int = 50, seed: int = 0) -> float:
@@ -181,8 +190,7 @@ def held_out_metrics(student: Outputs, teacher: Outputs, teacher_mean: torch.Ten
     terms = loss_terms(student, teacher)
     sim = centred_cosines(student.pooled, teacher.pooled, teacher_mean)
     n = sim.shape[0]
-    matched = float(sim.diagonal().mean())
-    mismatched = float((sim.sum() - sim.diagonal().sum()) / (n * n - n))
+    matched, mismatched = matched_and_mismatched(sim)
     return {"loss": float(sum(terms.values())), **{f"mse_{t}": float(v) for t, v in terms.items()},
             "centred_cos_matched": matched, "centred_cos_mismatched": mismatched,
             f"pool{pool}_top1": pool_retrieval(sim, pool), "pool_chance": 1 / min(pool, n)}

@@ -12,6 +12,7 @@ import torch
 
 from ..generation import _generators, apply_memory_option, batched, generate, MEMORY_OPTIONS
 from ..shapes.world import EVAL_SEEDS, score
+from ..targets import centred_cosines, matched_and_mismatched
 
 
 # -----------------------------------------------------------------------------
@@ -110,10 +111,9 @@ def agreement(japanese: torch.Tensor, english: torch.Tensor) -> dict:
     n = japanese.shape[1]
     matched = mismatched = hits = 0.0
     for ja, en in zip(japanese, english):
-        sim = (torch.nn.functional.normalize(ja - ja.mean(0), dim=1)
-               @ torch.nn.functional.normalize(en - en.mean(0), dim=1).T)
-        matched += float(sim.diagonal().mean())
-        mismatched += float((sim.sum() - sim.diagonal().sum()) / (n * n - n))
+        sim = centred_cosines(ja, en, en.mean(0), ja.mean(0))
+        same, other = matched_and_mismatched(sim)
+        matched, mismatched = matched + same, mismatched + other
         hits += int((sim.argmax(1) == torch.arange(n)).sum())
     seeds = japanese.shape[0]
     return {"centred_cos_matched": matched / seeds, "centred_cos_mismatched": mismatched / seeds,
