@@ -270,7 +270,25 @@ def _profiles(args) -> int:
     return 0
 
 
+def output_lock(path: str | Path):
+    """An exclusive hold on one --out path (a lock file in the cache, not beside the image): two `jpsdxl generate`
+    runs into the same file stop the second at once instead of overwriting each other's image."""
+    import hashlib
+
+    from .core.runs import cache_dir, exclusive
+
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    return exclusive(cache_dir("locks", key), f"--out {path}")
+
+
 def _generate(args) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as held:
+        return _generate_holding(args, held)
+
+
+def _generate_holding(args, held) -> int:
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -292,6 +310,7 @@ def _generate(args) -> int:
     check_prompts(prompts)  # before anything loads: a prompt too long to be read is refused now
     paths = output_paths(args.out, len(prompts))
     ensure_writable(paths[0].parent, "--out")  # before minutes of loading and drawing, not after
+    held.enter_context(output_lock(paths[0]))  # a second run into the same --out stops here, in one line
     if args.size is not None and (args.size < 8 or args.size % 8 or args.size > 4096):
         raise ValueError(f"--size {args.size}: a multiple of 8 (the VAE halves the size three times), at most 4096")
     profile = load_profile(args.profile)

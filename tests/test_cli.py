@@ -185,3 +185,14 @@ def test_a_pipe_or_a_folder_as_input_and_a_link_as_output_get_their_own_line(tmp
     (tmp_path / "link.png").symlink_to(target)
     assert main(["generate", "赤い丸", "--out", str(tmp_path / "link.png")]) == 2
     assert "is a link" in capsys.readouterr().err and target.read_bytes() == b"keep"
+
+
+def test_two_generate_runs_into_one_out_do_not_overwrite_each_other(tmp_path, capsys):
+    """A second `jpsdxl generate` into the --out another is drawing: refused at once, in one line, the first's image
+    left alone (two runs both exited 0 and reported the same file: one image lost)."""
+    from jpsdxl.cli import output_lock
+
+    out = tmp_path / "same.png"
+    with output_lock(out):  # the first run, still drawing
+        assert main(["generate", "赤い丸", "--out", str(out)]) == 2
+    assert "is in use by" in capsys.readouterr().err and not out.exists()
