@@ -371,7 +371,10 @@ def _prepare_students(students: Students, cfg) -> None:
             p.requires_grad_(True)
     if cfg.gradient_checkpointing:
         for te in (students.text_encoder, students.text_encoder_2):
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(te, "activation_checkpointing_enable"):  # its name since transformers 5.x (the rehearsal's
+                te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # find)
+            else:  # older transformers 5 releases
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _resume(accelerator, scheduler, folder: Path | None, fixed: dict,
