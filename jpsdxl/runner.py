@@ -25,17 +25,11 @@ from pathlib import Path
 from .core.hub import is_offline
 from .core.models import resolve_profile
 from .core.profiles import load_profile
-from .core.runs import STAGES, atomic_path, ensure_writable, load_metrics, runs_dir, write_json
+from .core.runs import STAGES, atomic_path, ensure_writable, load_metrics, notebook_dir, runs_dir, write_json
 from .core.runs import runs_root as default_runs_root
 
 
-def _notebook_dir() -> Path:
-    """The checkout's ``notebooks/``; in an installed (non-editable) package, the copy shipped inside it."""
-    checkout = Path(__file__).resolve().parents[1] / "notebooks"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "tutorial"
-
-
-NOTEBOOK_DIR = _notebook_dir()
+NOTEBOOK_DIR = notebook_dir()
 
 
 class NotebookFailed(RuntimeError):

@@ -217,3 +217,14 @@ def test_a_notebook_is_reused_only_while_its_data_file_and_its_outputs_are_what_
     (tmp_path / "runs" / "mine" / "02_embedding_init" / "mapping.pt").unlink()
     run()
     assert executed == ["02_embedding_init"] * 3
+
+
+def test_notebook_00s_map_finds_the_notebooks():
+    """Notebook 00's map said every notebook was missing: it looked in jpsdxl/notebooks/. It looks where the runner
+    does (the checkout's notebooks/, or the copy an installed package ships)."""
+    from jpsdxl.notebook.overview import notebook_map
+    from jpsdxl.runner import NOTEBOOK_DIR, notebooks
+
+    rows = notebook_map()
+    assert rows and all(row["available"] for row in rows)
+    assert {row["notebook"] for row in rows} == {nb.stem for nb in notebooks(NOTEBOOK_DIR)}

@@ -50,6 +50,14 @@ def runs_root() -> Path:
     return cwd / "runs"
 
 
+def notebook_dir() -> Path:
+    """The checkout's ``notebooks/``; in an installed (non-editable) package, the copy shipped inside it
+    (``jpsdxl/tutorial``): where the runner finds the notebooks and notebook 00's map looks for them."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "notebooks"
+    return checkout if checkout.is_dir() else package / "tutorial"
+
+
 def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None = None, create: bool = True) -> Path:
     """``runs/<profile>[/<notebook>]``; ``root`` overrides ``runs_root()``. ``create=False`` only names it (for a
     file that may or may not be there, such as stage 2's mapping)."""

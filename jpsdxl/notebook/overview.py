@@ -14,6 +14,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from ..core import runs
 from ..core.models import PIPELINE_ROLES, resolve_profile
 from ..core.profiles import available_profiles, load_profile
 
@@ -65,7 +66,7 @@ def profile_table() -> list[dict]:
 
 
 def notebook_map(notebook_dir: str | Path | None = None) -> list[dict]:
-    folder = Path(notebook_dir or Path(__file__).resolve().parent.parent / "notebooks")
+    folder = Path(notebook_dir or runs.notebook_dir())  # the checkout's notebooks/, or the installed copy
     return [{"notebook": stem, "stage": stage, "code": module, "you learn": what,
              "available": (folder / f"{stem}.ipynb").exists()} for stem, (stage, module, what) in NOTEBOOKS.items()]
 
