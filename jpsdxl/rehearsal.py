@@ -5,7 +5,9 @@
 under their real ids, file names and layouts (variants, tokenizer files, extra formats nobody should fetch), with
 small configs and random weights. With ``HF_HUB_CACHE`` pointing there and ``HF_HUB_OFFLINE=1``, the libraries take
 their real offline paths: diffusers filters the listing by variant, transformers and sentence-transformers read the
-tokenizer and model files, open_clip reads an ``hf-hub:`` repo, datasets streams the parquet files.
+tokenizer and model files, open_clip reads an ``hf-hub:`` repo (the rehearsal profiles' one seam for it: a pretrained
+tag would fix the architecture at ViT-L's size), datasets streams the parquet files (through the other seam,
+``data._offline_snapshot``: datasets streams a hub id only online).
 
 This file only writes the stand-in; the profiles that use it are ``rehearse-full`` and ``rehearse-colab``.
 """
