@@ -320,13 +320,12 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
         return JapaneseModel(found["Japanese SDXL base"], found["Japanese SDXL refiner"], variant)
     out = assembled_dir(profile)
     students = require(profile, "distill", *TEXT_PARTS)  # no trained encoders yet: says to run `jpsdxl distill`
-    if (out / "base").is_dir() and (out / "refiner").is_dir():
-        recorded = json.loads((out / "source.json").read_text()) if (out / "source.json").exists() else {}
-        if recorded == sources(students, resolve_profile(profile, PIPELINE_ROLES)):
-            check_text_parts(out / "base", "the assembled model")
-            return JapaneseModel(out / "base", out / "refiner")
-        print(f"stage 3's encoders in {students} or the profile's English model changed since {out} was assembled: "
-              f"assembling it again", file=sys.stderr)
-    assemble(profile, students, out)
+    built = (out / "base").is_dir() and (out / "refiner").is_dir()
+    recorded = json.loads((out / "source.json").read_text()) if built and (out / "source.json").exists() else {}
+    if recorded != sources(students, resolve_profile(profile, PIPELINE_ROLES)):
+        if built:
+            print(f"stage 3's encoders in {students} or the profile's English model changed since {out} was "
+                  f"assembled: assembling it again", file=sys.stderr)
+        assemble(profile, students, out)
     check_text_parts(out / "base", "the assembled model")
     return JapaneseModel(out / "base", out / "refiner")
