@@ -3,6 +3,7 @@
 #   make test       set up, then run every test, each notebook executed once (CI runs this)
 #   make test-fast  every test but the notebooks' execution and the slow launchers: the inner loop
 #   make rehearse   the notebooks on `full` and `colab` rehearsed on this CPU, offline, against a stand-in hub (CI too)
+#   make repository URL=https://github.com/<you>/<name>   a fork's address in the badges, clone cells, docs
 #   make lock       re-resolve pyproject.toml's ranges into requirements.lock (then read the diff, run make test)
 # Other profiles: make tutorial PROFILE=full HF_HUB_OFFLINE=0   (GPU and internet)
 
@@ -19,7 +20,7 @@ UV_SOURCES = $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/n
 # tiny never needs the model hub; offline mode makes any accidental hub call fail at once
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup tutorial test test-fast rehearse lock clean
+.PHONY: setup tutorial test test-fast rehearse lock clean repository
 
 setup: $(VENV)/.installed
 
@@ -43,6 +44,10 @@ test-fast: setup
 
 rehearse: setup
 	$(BIN)/jpsdxl rehearse
+
+# a fork: point the Colab badges, clone cells and docs at its own address (pyproject.toml holds the one address)
+repository:
+	$(PYTHON) -m jpsdxl.notebook.colab $(URL)
 
 lock:
 	rm -rf .lock-venv

@@ -10,7 +10,7 @@ the libraries). Each stage runs in a process of its own, through the functions i
   init      notebook 02: SDXL's English text encoders alone (encoders.load_english) and stage 2 (embedding_init.run)
   distill   notebook 03: stage 3's trainer (distillation.distil) for 2 steps, bf16 autocast, checkpoint, save
   generate  notebook 04: the English pipelines, the assembled Japanese model and the compared variants
-            (assembly.compared_models: one UNet pair, one Japanese text-encoder pair at a time), one judged batch each
+            (generation.compared_models: one UNet pair, one Japanese text-encoder pair at a time), one judged batch each
 
 Beside each peak: the bound expected from parameter counts (bytes per parameter x parameters alive) over the
 libraries' own footprint (measured at the stage's start), and the UNets alive at the end (2 = one base+refiner pair).
@@ -116,7 +116,7 @@ def generate(P) -> dict:
     english = G.load_pipelines(P)
     students, model_dir = stage_dir(P, "distill"), stage_dir(P, "generate") / "model"
     A.assemble(P, students, model_dir)
-    models = A.compared_models(P, students, model_dir, english)
+    models = G.compared_models(P, students, model_dir, english)
     ja, en, targets = shapes.held_out_prompts()
     for name, load in models.items():  # each loaded, judged, dropped: one Japanese text-encoder pair at a time
         measure.evaluate(P, *load(), (en if name.startswith("English") else ja)[:4], targets[:4], seeds=[0])

@@ -7,7 +7,7 @@ the published cl-tohoku/stable-diffusion-xl-jp-{base,refiner}-1.0 folders load: 
 pipeline's folders, and the refiner's text parts are links to the base's: nothing large is stored twice. So the
 profile's assembled model lives in the cache (``assembled_dir``), never in a runs folder: a Google Drive runs folder
 refuses links, and the model is rebuilt in seconds from stage 3's students.
-``compared_models`` gives the models stage 4 compares; ``japanese_model`` is what ``jpsdxl generate`` draws with.
+``japanese_model`` is what ``jpsdxl generate`` draws with.
 
 This file does not run the pipelines (``generation.py``) or train the encoders (``distillation.py``).
 """
@@ -23,9 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .core.models import PIPELINE_ROLES, resolve_profile
-from .core.runs import quiet_hf_progress
-
-TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+from .core.runs import TEXT_PARTS, quiet_hf_progress
 
 
 def _link(src: Path, dest: Path, final_parent: Path, copy: bool) -> None:
@@ -37,7 +35,7 @@ def _link(src: Path, dest: Path, final_parent: Path, copy: bool) -> None:
         os.symlink(os.path.relpath(src.resolve(), final_parent.resolve()), dest)
 
 
-def _students(folder: str | Path) -> Path:
+def students_folder(folder: str | Path) -> Path:
     """``folder`` as a Path, checked to hold stage 3's four parts (``save_students``); else one line saying what
     writes them."""
     folder = Path(folder)
@@ -56,7 +54,7 @@ def assemble(profile, students_dir: str | Path, out: str | Path, copy: bool = Fa
     """
     from .core.runs import atomic_path, write_json
 
-    students_dir = _students(students_dir)
+    students_dir = students_folder(students_dir)
     folders = resolve_profile(profile, PIPELINE_ROLES)
     english = {"base": Path(folders["SDXL base"]), "refiner": Path(folders["SDXL refiner"])}
     # the profile's replacement VAE (full: the fp16-safe one) is the one the English baseline decodes with too
@@ -213,67 +211,6 @@ def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, devi
     return base, refiner
 
 
-def compared_models(profile, students_dir: str | Path, model_dir: str | Path, english) -> dict:
-    """The models stage 4 compares, each as a loader: ``name -> load()`` giving its (base, refiner), placed as
-    ``generate.offload`` says. The English original; copies with every row the mean English row (untrained) and with
-    stage 2's similarity rows (init only; stage 2's mapping, by the one rule of ``runs.require``), both with stage
-    3's saved tokenizers; the distilled model assembled in ``model_dir``; and, where the profile names one and it can
-    be had, the published Japanese SDXL (``models.published``; else left out, in one line).
-
-    Every Japanese model shares ``english``'s UNets, VAE and scheduler, and its text encoders exist only while what
-    ``load()`` returned is held: call, use, drop, and one Japanese text-encoder pair is resident at a time (at SDXL's
-    shapes, 1.6 GB in fp16 each; five at once do not fit Colab's host RAM beside the UNets)."""
-    import sys
-
-    from transformers import AutoTokenizer
-
-    from .core.hub import ModelNotAvailable
-    from .distillation import Teachers, make_students
-    from .embedding_init import stage_mapping
-    from .generation import place, with_text_parts
-
-    students_dir = Path(students_dir)
-    tok, tok_2 = (AutoTokenizer.from_pretrained(students_dir / t) for t in ("tokenizer", "tokenizer_2"))
-    base = english[0]
-    teachers = Teachers(base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2)
-    mapping = stage_mapping(profile)
-
-    def copies(strategy: str, mapping):
-        def load():
-            s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed, dtype=None)  # as the pipes
-            return place(profile, *with_text_parts(english, s.text_encoder.eval(), s.text_encoder_2.eval(), tok, tok_2))
-        return load
-
-    def folder(model):
-        return lambda: place(profile, *load_assembled(model, profile.torch_dtype(), device=None, share=english))
-
-    loaders = {"English (original)": lambda: place(profile, *english),
-               "untrained (mean rows)": copies("mean", None), "init only (similarity)": copies("similarity", mapping),
-               "distilled": folder(model_dir)}
-    if profile.models.published:
-        try:  # found (or fetched) now: a model that cannot be had is left out before anything is drawn
-            loaders["SD-XL 1.0-jp (published)"] = folder(japanese_model(profile, profile.models.published))
-        except ModelNotAvailable as e:
-            print(f"{profile.models.published} is left out of the comparison: {str(e).splitlines()[0]}",
-                  file=sys.stderr)
-    return loaders
-
-
-def with_students(english, students_dir: str | Path):
-    """(base, refiner) that read prompts through a stage-3 output folder's encoders and tokenizers (``save_students``
-    layout) and share ``english``'s UNets, VAE and scheduler: nothing is assembled on disk."""
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-    from .generation import with_text_parts
-
-    folder = _students(students_dir)
-    with quiet_hf_progress():
-        te = CLIPTextModel.from_pretrained(folder / "text_encoder")
-        te_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
-    tok, tok_2 = (AutoTokenizer.from_pretrained(folder / name) for name in ("tokenizer", "tokenizer_2"))
-    return with_text_parts(english, te.eval(), te_2.eval(), tok, tok_2)
-
-
 def refiner_id(base_id: str) -> str:
     """The refiner's hub id beside a base's, by the naming the published pairs use
     (``cl-tohoku/stable-diffusion-xl-jp-base-1.0`` -> ``...-jp-refiner-1.0``)."""
@@ -319,7 +256,7 @@ def japanese_model(profile, model: str | Path | None = None) -> JapaneseModel:
             check_text_parts(path, role)
         return JapaneseModel(found["Japanese SDXL base"], found["Japanese SDXL refiner"], variant)
     out = assembled_dir(profile)
-    students = require(profile, "distill", *TEXT_PARTS)  # no trained encoders yet: says to run `jpsdxl distill`
+    students = require(profile, "distill")  # missing or stale encoders: says to run `jpsdxl distill`
     built = (out / "base").is_dir() and (out / "refiner").is_dir()
     recorded = json.loads((out / "source.json").read_text()) if built and (out / "source.json").exists() else {}
     if recorded != sources(students, resolve_profile(profile, PIPELINE_ROLES)):

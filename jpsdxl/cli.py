@@ -1,16 +1,9 @@
 """``jpsdxl``: the command line. ``jpsdxl run --profile tiny`` executes the whole tutorial.
 
-One sub-command per stage of the recipe, each the stage's ``run`` (outputs under ``runs/<profile>/``; a stage whose
-input is missing says which command makes it):
-
-    jpsdxl tokenizer   stage 1: the Japanese tokenizers          -> 01_tokenizer_alignment/tokenizer{,_2}
-    jpsdxl init        stage 2: nearest English token per piece  -> 02_embedding_init/mapping.{pt,tsv}
-    jpsdxl distill     stage 3: train both encoders (resumable; several GPUs: accelerate launch -m jpsdxl.cli distill)
-    jpsdxl generate    stage 4: base -> refiner from Japanese prompts
-
-and ``run`` (the notebooks, in order, by papermill), ``prepare`` (fetch data and models, build the zoo, the tokenizer
-and stage 2's mapping ahead of a run or a workshop), ``train-shapes`` (rebuild the shapes world's shipped weights),
-``env`` (versions and hardware), ``profiles`` (what each profile is for).
+One sub-command per row of the stage table (``core.runs.STAGES``: ``tokenizer``, ``init``, ``distill``,
+``generate``), each the stage's ``run``; and ``run`` (the notebooks, in order, by papermill), ``rehearse``,
+``prepare`` (fetch data and models, stages 1-2 ahead of a workshop), ``train-shapes``, ``env``, ``profiles``.
+Several GPUs: ``accelerate launch -m jpsdxl.cli distill``.
 """
 
 from __future__ import annotations
@@ -19,11 +12,11 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import get_args
 
 from .core.profiles import Strategy
+from .core.runs import STAGES
 
 
 def _count(text: str) -> int:
@@ -50,6 +43,33 @@ def _finite(text: str) -> float:
     return value
 
 
+def _distill_arguments(dist) -> None:
+    dist.add_argument("--out", default=None, help="output folder (default: runs/<profile>/03_distillation)")
+    dist.add_argument("--steps", type=_count, default=None, help="override distill.steps")
+    dist.add_argument("--init", default=None, choices=get_args(Strategy), help="override the starting rows")
+    dist.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+
+
+def _generate_arguments(gen) -> None:
+    gen.add_argument("prompt", nargs="*", help="one or more prompts, e.g. かわいすぎる子猫")
+    gen.add_argument("--prompts-file", default=None, help="a UTF-8 text file, one prompt per line")
+    gen.add_argument("--out", default="out.png", help="image file; with several prompts, out-01.png, out-02.png, ...; "
+                                                   "an existing folder: image.png (image-01.png, ...) inside it")
+    gen.add_argument("--model", default=None, help="a folder with base/ and refiner/ (notebook 04 or `assemble`), or "
+                                                   "hub ids: BASE_ID (refiner found by name) or BASE_ID,REFINER_ID; "
+                                                   "default: the profile's trained Japanese model")
+    gen.add_argument("--negative", default=None, help="negative prompt (Japanese works)")
+    gen.add_argument("--seed", type=_seed, default=None, help="0 to 2**63 - 1")
+    gen.add_argument("--steps", type=_count, default=None)
+    gen.add_argument("--size", type=int, default=None, help="height and width in pixels (multiple of 8, at most 4096)")
+    gen.add_argument("--guidance", type=_finite, default=None)
+    gen.add_argument("--high-noise-frac", type=float, default=None, help="hand-off point base -> refiner, in (0, 1)")
+    gen.add_argument("--offload", action="store_true", help="small GPUs: model CPU offload + VAE tiling and slicing")
+
+
+STAGE_ARGUMENTS = {"distill": _distill_arguments, "generate": _generate_arguments}  # beyond --profile
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jpsdxl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,35 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare", help="fetch data and models, build the zoo, the Japanese tokenizer and stage 2's "
                                           "mapping: everything slow that the notebooks would do on first use")
     prep.add_argument("--profile", default="tiny")
-    tok = sub.add_parser("tokenizer", help="stage 1: train the Japanese tokenizer and save both tokenizers")
-    tok.add_argument("--profile", default="tiny")
-    init = sub.add_parser("init", help="stage 2: map every Japanese piece to its most similar English CLIP tokens "
-                                       "(mapping.pt, mapping.tsv)")
-    init.add_argument("--profile", default="tiny")
-    dist = sub.add_parser("distill", help="train the Japanese text encoders (stage 3); resumes from the newest "
-                                          "checkpoint in --out unless --fresh")
-    dist.add_argument("--profile", default="tiny")
-    dist.add_argument("--out", default=None, help="output folder (default: runs/<profile>/03_distillation)")
-    dist.add_argument("--steps", type=_count, default=None, help="override distill.steps")
-    dist.add_argument("--init", default=None, choices=get_args(Strategy), help="override the starting rows")
-    dist.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
-    gen = sub.add_parser("generate", help="draw images from Japanese prompts with the Japanese SDXL (base, then "
-                                          "refiner, as the SD-XL 1.0-jp card does)")
-    gen.add_argument("prompt", nargs="*", help="one or more prompts, e.g. かわいすぎる子猫")
-    gen.add_argument("--prompts-file", default=None, help="a UTF-8 text file, one prompt per line")
-    gen.add_argument("--out", default="out.png", help="image file; with several prompts, out-01.png, out-02.png, ...; "
-                                                   "an existing folder: image.png (image-01.png, ...) inside it")
-    gen.add_argument("--model", default=None, help="a folder with base/ and refiner/ (notebook 04 or `assemble`), or "
-                                                   "hub ids: BASE_ID (refiner found by name) or BASE_ID,REFINER_ID; "
-                                                   "default: the profile's trained Japanese model")
-    gen.add_argument("--profile", default="tiny")
-    gen.add_argument("--negative", default=None, help="negative prompt (Japanese works)")
-    gen.add_argument("--seed", type=_seed, default=None, help="0 to 2**63 - 1")
-    gen.add_argument("--steps", type=_count, default=None)
-    gen.add_argument("--size", type=int, default=None, help="height and width in pixels (multiple of 8, at most 4096)")
-    gen.add_argument("--guidance", type=_finite, default=None)
-    gen.add_argument("--high-noise-frac", type=float, default=None, help="hand-off point base -> refiner, in (0, 1)")
-    gen.add_argument("--offload", action="store_true", help="small GPUs: model CPU offload + VAE tiling and slicing")
+    for stage in STAGES.values():  # one sub-command per stage row that has one: the stage's `run`
+        if stage.command:
+            cmd = sub.add_parser(stage.command, help=stage.help)
+            cmd.add_argument("--profile", default="tiny")
+            STAGE_ARGUMENTS.get(stage.command, lambda _: None)(cmd)
     train = sub.add_parser("train-shapes", help="retrain the shapes world (tiny VAE, base and refiner UNets) from "
                                                 "its recipe and seed, into jpsdxl/zoo_weights/shapes/")
     train.add_argument("--out", default=None, help="output folder (default: the shipped weights' folder)")
@@ -126,7 +122,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    return COMMANDS[args.command](args)
+    return COMMANDS.get(args.command, _stage)(args)
+
+
+def _stage(args) -> int:
+    """A stage row without a command of its own here: its ``run(profile)``, and what it returned."""
+    import importlib
+
+    from .core.profiles import load_profile
+
+    stage = next(s for s in STAGES.values() if s.command == args.command)
+    module, _, function = stage.run.partition(":")
+    print(getattr(importlib.import_module(module), function)(load_profile(args.profile)))
+    return 0
 
 
 def _run(args) -> int:
@@ -289,16 +297,10 @@ def _generate(args) -> int:
 
 
 def _generate_holding(args, held) -> int:
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-    from PIL import Image
-
-    from . import assembly as A
     from . import generation as G
     from .core.profiles import derive, load_profile
-    from .core.runs import atomic_path, ensure_writable
-    from .tokenization import check_prompts, encode_prompts
+    from .core.runs import ensure_writable
+    from .tokenization import check_prompts
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -316,41 +318,11 @@ def _generate_holding(args, held) -> int:
     profile = load_profile(args.profile)
     if args.high_noise_frac is not None:  # checked as the profile's own value is: one bound for both
         profile = derive(profile, generate={"high_noise_frac": args.high_noise_frac})
-    profile.check_device()
-    if args.offload and profile.torch_device().type != "cuda":
-        raise ValueError(f"--offload moves each part between the CPU and a CUDA GPU; profile {profile.name!r} runs on "
-                         f"{profile.device}: leave --offload out")
-    model = A.japanese_model(profile, args.model)
-    if args.offload:  # model CPU offload, whatever the profile says
-        base, refiner = A.load_assembled(model, profile.torch_dtype(), profile.torch_device(), offload=True)
-    else:  # where the profile's generate.offload puts them (colab: text encoders swapped in)
-        base, refiner = G.place(profile, *A.load_assembled(model, profile.torch_dtype(), device=None))
     overrides = {k: v for k, v in dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance).items()
                  if v is not None}
     if args.size:
         overrides.update(height=args.size, width=args.size)
-    with warnings.catch_warnings(record=True) as caught:  # a prompt over 77 tokens: say once what was cut
-        warnings.simplefilter("always")
-        encode_prompts(base.tokenizer, prompts)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    for lib in (diffusers_logging, transformers_logging):  # their truncation warnings, once per encoder: said above
-        lib.set_verbosity_error()
-    if args.offload:  # offloaded as loaded (never moved to the GPU whole); the VAE decodes in tiles and slices
-        G.apply_memory_option(base, refiner, "vae tiling + slicing")
-    size = profile.generate.batch_size
-    # in batches, each written as it is drawn: nothing waits for the end
-    for batch, batch_paths in zip(G.batched(prompts, size), G.batched(paths, size)):
-        try:
-            images, _ = G.generate(profile, base, refiner, batch,
-                                   negative_prompt=args.negative and [args.negative] * len(batch), **overrides)
-        except torch.cuda.OutOfMemoryError:
-            raise ValueError("the GPU ran out of memory: try --offload (model CPU offload + VAE tiling), a smaller "
-                             "--size, or generate.batch_size = 1 in the profile") from None
-        for image, path in zip(images, batch_paths):
-            with atomic_path(path) as tmp:  # a full disk leaves the old file (or none), never half an image
-                image.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
-            print(path, flush=True)
+    G.run(profile, prompts, paths, args.model, args.negative, args.offload, **overrides)
     return 0
 
 

@@ -1,35 +1,12 @@
 """Stage 3: distillation. Japanese copies of both text encoders learn to output, on a Japanese sentence, what the
-frozen English encoders output on its English translation.
-
-The targets are what SDXL's UNets consume from the text side (diffusers' ``encode_prompt``): the penultimate hidden
-states (``hidden_states[-2]``) of ``text_encoder`` and ``text_encoder_2`` on all 77 positions, and
-``text_encoder_2``'s pooled, projected ``text_embeds``. The English teacher reads the English sentence tokenized and
-padded exactly as the SDXL pipeline does; the Japanese student reads its translation. (The card says only "hidden
-states": which layers, and all 77 positions, is this tutorial's reading of it.) Position i of the student is asked to
-match position i of the teacher although the two sentences do not align token by token (other word order, other
-lengths): under causal attention position i summarises the sentence *so far*, so only the positions at and after
-both EOS tokens, which have seen the whole sentence, have a meaning both sides share.
-
-Measuring closeness honestly needs two precautions: raw pooled cosines are dominated by a component every sentence
-shares (unrelated English sentences score high cosines through a random teacher), so cosines are taken after
-subtracting the teacher's mean output; and matched pairs are compared against mismatched ones, with retrieval among
-pools of 100 pairs (chance 1 %).
-
-Read top to bottom (the targets, loss and metrics themselves live in ``targets.py``, shared with stage 2; the
-seeded pair stream in ``data.TrainingPairs``): 1. the held-out set, 2. students and teachers, 3. batches,
-4. checkpoints, 5. the trainer (on ``accelerate``: one process, several GPUs or nodes with ``accelerate launch`` and
-no code change), 6. the stage as one call (``prepare``, ``distil``, ``run``), 7. saving the students as diffusers
-components. It does not assemble pipelines (stage 4, ``assembly.py``) or pick the starting rows (stage 2,
-``embedding_init.py``).
+frozen English encoders output on its English translation (what is matched, the loss and the metrics: ``targets.py``;
+checkpoints: ``checkpoints.py``). Read top to bottom: 1. the held-out set, 2. students and teachers, 3. batches,
+4. the trainer (on accelerate: several GPUs with ``accelerate launch``, no code change), 5. the stage as one call
+(``prepare``, ``distil``, ``run``), 6. the students saved as diffusers components. It picks no starting rows (stage 2).
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import re
-import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -38,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .core.runs import atomic_path, refuse_link, write_json
+from . import checkpoints as ckpt
+from .checkpoints import CheckpointNotWritten, NonFiniteLoss, checkpoints, latest_checkpoint  # noqa: F401 (D.<name>)
+from .core.runs import atomic_path
 from .data import TrainingPairs
 from .targets import (  # noqa: F401  (stage 3's names, re-exported for notebooks and tests)
     TARGETS, Outputs, TokenIds, after_both_eos, centred_cosines, encode, forward, held_out_metrics, loss_terms,
@@ -229,53 +208,7 @@ def batches(stream, global_batch: int, rank: int, world: int, streamed: bool):
 
 
 # -----------------------------------------------------------------------------
-# 4. checkpoints
-
-
-_CKPT = re.compile(r"step-(\d{7})")
-
-
-def checkpoints(folder: str | Path) -> list[Path]:
-    """The complete checkpoints under ``folder/checkpoints``, newest first (a checkpoint appears only once complete)."""
-    root = Path(folder) / "checkpoints"
-    found = [p for p in root.glob("step-*") if _CKPT.fullmatch(p.name) and (p / "trainer_state.json").exists()]
-    return sorted(found, reverse=True)
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``folder/checkpoints``, or None."""
-    found = checkpoints(folder)
-    return found[0] if found else None
-
-
-def _damage(ckpt: Path, state: dict) -> str | None:
-    """What is wrong with a checkpoint's files, or None: each file has the size recorded when it was written (a cut
-    copy or a full disk shows here), and the RNG states load as plain tensors (accelerate would skip a bad one
-    silently, and the resumed run would quietly draw other data)."""
-    for name, size in state.get("files", {}).items():
-        path = ckpt / name
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size if path.is_file() else 'missing'} bytes of {size:,}"
-    from accelerate.utils import load  # torch.load, weights_only, plus the numpy types an RNG state holds
-
-    for rng in ckpt.glob("random_states_*.pkl"):
-        try:
-            load(rng)
-        except Exception as e:  # noqa: BLE001 - any failure means the state cannot be restored
-            return f"{rng.name} does not load as plain tensors ({type(e).__name__})"
-    return None
-
-
-class CheckpointNotWritten(OSError):
-    """A checkpoint could not be written (a full disk, a folder that went away): its partial folder is removed."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite: training stopped; the last good checkpoint is kept."""
-
-
-# -----------------------------------------------------------------------------
-# 5. the trainer
+# 4. the trainer
 
 
 @dataclass
@@ -294,6 +227,7 @@ class Run:
     resumed_from: int | None = None
     folder: Path | None = None
     mixed_precision: str = "no"  # what ran: the profile's, or an accelerate launch config's
+    made_from: dict | None = None  # the earlier stages' outputs it started from (``save_students`` records them)
 
 
 def _optimizer(students: Students, cfg, device):
@@ -352,15 +286,6 @@ def _accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def _write_log(folder: Path, log: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in log for k in row))
-    with atomic_path(folder / "log.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, keys)
-            writer.writeheader()
-            writer.writerows(log)
-
-
 def _prepare_students(students: Students, cfg) -> None:
     """What trains and how: the unread layers frozen, only the rows on ``train = "embeddings"``, and activation
     checkpointing (recompute in the backward pass instead of storing: the small-card setting)."""
@@ -375,127 +300,6 @@ def _prepare_students(students: Students, cfg) -> None:
                 te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # find)
             else:  # older transformers 5 releases
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _resume(accelerator, scheduler, folder: Path | None, fixed: dict,
-            resume: bool = True) -> tuple[int, list[dict], int | None]:
-    """(step, log, resumed_from) from the newest readable checkpoint in ``folder``, or a fresh start. accelerate's
-    ``load_state`` restores model, optimiser and every RNG (tensors only: ``weights_only`` loading), the scheduler
-    comes back from JSON: together they make a resumed run bit-exact, and nothing in a checkpoint can run code.
-    A damaged checkpoint (cut short, a file missing) is passed over for the next older one, and the run says so.
-    ``resume=False``: a fresh start, and the folder's old checkpoints are deleted (a fresh run must never keep, or
-    later resume into, another run's checkpoints)."""
-    if folder:
-        for path in (folder, folder / "checkpoints"):  # never write or prune through a link
-            refuse_link(path)
-    if folder and not resume and accelerator.is_main_process and (folder / "checkpoints").exists():
-        shutil.rmtree(folder / "checkpoints")  # --fresh: what cannot be removed stops the run, not skipped
-    accelerator.wait_for_everyone()
-    found = checkpoints(folder) if folder and resume else []
-    passed_over = []
-    for ckpt in found:
-        state, problem = _checked_state(ckpt, fixed)
-        problem = problem or _damage(ckpt, state)
-        if problem is None:
-            try:
-                accelerator.load_state(str(ckpt))
-            except Exception as e:  # noqa: BLE001 - unreadable in some other way: try the next older one
-                problem = f"{type(e).__name__}: {str(e)[:120]}"
-        if problem is None:
-            if passed_over:
-                print(f"resuming from {ckpt.name}; passed over {'; '.join(passed_over)}", file=sys.stderr)
-            scheduler.load_state_dict(state["scheduler"])
-            return state["step"], state["log"], state["step"]
-        passed_over.append(f"{ckpt.name} ({problem})")
-    if passed_over:
-        raise ValueError(f"no checkpoint in {folder / 'checkpoints'} can be read: {'; '.join(passed_over)}. Start "
-                         f"fresh (--fresh, or resume=False).")
-    return 0, [], None
-
-
-def _checked_state(ckpt: Path, fixed: dict) -> tuple[dict, str | None]:
-    """(trainer_state.json, None), or ({}, what is wrong) if it is unreadable; after the refusals that no older
-    checkpoint would answer: pickled state (loading it could run code), settings that differ from the profile's."""
-    pickles = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
-    if pickles:  # accelerate would unpickle these with weights_only=False, i.e. run whatever they hold
-        raise ValueError(f"{ckpt} holds {', '.join(pickles)}: pickled state this trainer never writes (loading it "
-                         f"could run code). Start fresh (--fresh, or resume=False), or delete {ckpt.parent}.")
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError) as e:
-        return {}, f"trainer_state.json unreadable: {type(e).__name__}"
-    if "scheduler" not in state:
-        raise ValueError(f"{ckpt} was written without its scheduler state (by an older jpsdxl): start fresh "
-                         f"(--fresh, or resume=False).")
-    saved = state["settings"]  # present in every checkpoint that has the scheduler's JSON (checked above)
-    differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in fixed.items() if saved.get(k) != v]
-    if differ:  # the optimiser, schedule and data position were made for the old values: refuse, do not mix
-        raise ValueError(f"{ckpt} was written with other settings or inputs ({'; '.join(differ)}). Resume with the "
-                         f"same ones, or start fresh (jpsdxl distill --fresh, or resume=False).")
-    return state, None
-
-
-# what a checkpoint's optimiser, schedule and data position were made for: a resumed run must not change them
-_FIXED = ("batch_size", "steps", "lr", "embedding_lr", "schedule", "warmup_steps", "weight_decay", "loss_weights",
-          "shapes_share", "empty_share")
-STREAM_PAIRS_HASHED = 10_000  # a streamed corpus is known by its first pairs: reading all of it would take hours
-
-
-def _fixed_settings(cfg, seed: int, inputs: dict | None = None) -> dict:
-    return {"seed": seed, **{k: getattr(cfg, k) for k in _FIXED}, **(inputs or {})}
-
-
-def input_hashes(students: "Students", pairs) -> dict:
-    """Content hashes of what a run's checkpoints were made from: both Japanese tokenizers (every piece and id) and
-    the training pairs (all of a list corpus and the extra pairs; a streamed one's first ``STREAM_PAIRS_HASHED``).
-    A resume across another tokenizer or other data is refused, not continued into wrong rows."""
-    import hashlib
-
-    def digest(lines) -> str:  # one join, one hash: 200k Tatoeba pairs in a few hundredths of a second
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
-
-    corpus = islice(pairs.corpus, STREAM_PAIRS_HASHED) if pairs.streamed else pairs.corpus
-    vocab = [f"{piece}\t{i}" for t in (students.tokenizer, students.tokenizer_2)
-             for piece, i in sorted(t.get_vocab().items())]
-    return {"tokenizers": digest(vocab), "data": digest(f"{ja}\t{en}" for ja, en in [*corpus, *pairs.extra])}
-
-
-def _save_checkpoint(accelerator, model, scheduler, folder: Path | None, step: int, cfg, fixed: dict,
-                     log: list[dict]) -> None:
-    """``folder/checkpoints/step-NNNNNNN`` via accelerate's ``save_state``, written under a temporary name and
-    renamed only once complete (an atomic write: a reader never sees half a checkpoint); older ones pruned."""
-    if folder is None:
-        return
-    if not all(torch.isfinite(p).all() for p in model.parameters()):  # only finite weights are a good checkpoint
-        raise NonFiniteLoss(f"the weights are no longer finite at step {step}: no checkpoint written. Lower "
-                            f"distill.lr, then start over: jpsdxl distill --fresh (resume=False).")
-    dest = folder / "checkpoints" / f"step-{step:07d}"
-    tmp = dest.with_name(f".{dest.name}.partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-    except (OSError, RuntimeError) as e:  # a full disk: torch's writer says "enforce fail at inline_container.cc"
-        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written folder left filling the disk
-        last = latest_checkpoint(folder)
-        raise CheckpointNotWritten(
-            f"checkpoint {dest} could not be written ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
-            f"free space on that disk or give another --out; "
-            + (f"rerun to continue from {last}" if last else "no checkpoint was written yet")) from None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        write_json(tmp / "trainer_state.json", {"step": step, "pairs_seen": step * cfg.batch_size, "log": log,
-                                                 "scheduler": scheduler.state_dict(),  # JSON: no pickle
-                                                 "settings": fixed,
-                                                 "files": files})  # sizes: a cut file is noticed on resume
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-        for old in sorted(p for p in dest.parent.glob("step-*") if _CKPT.fullmatch(p.name))[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        _write_log(folder, log)
-    accelerator.wait_for_everyone()
 
 
 def _loss_positions(accelerator, students: Students, teachers: Teachers, ids_1, en_ids, cfg):
@@ -570,36 +374,21 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
     ``data.TrainingPairs``; ``cfg``: a profile's ``distill`` section).
 
     With ``folder``, checkpoints go to ``folder/checkpoints/step-NNNNNNN`` every ``checkpoint_every`` steps and at
-    the end (model, optimiser, scheduler, RNG states, data position: a killed run, started again with
-    ``resume=True``, continues from the newest one and reaches the same weights), and ``log.csv`` holds the log.
-    ``stop_after``: leave after that many steps, as a killed run would (for tests and demonstrations).
+    the end (``checkpoints.py``: a killed run, started again with ``resume=True``, continues from the newest one and
+    reaches the same weights), and ``log.csv`` holds the log. ``stop_after``: leave after that many steps, as a
+    killed run would (for tests and demonstrations).
     """
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    accelerator = _accelerator(_precision(cfg.mixed_precision))
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"distill.batch_size = {cfg.batch_size} must split evenly over {world} process(es) x "
-                         f"{cfg.grad_accum} accumulation step(s)")
-    set_seed(seed)
-    _prepare_students(students, cfg)
-    students.to(device)
-    optimizer = _optimizer(students, cfg, device)
-    scheduler = _scheduler(optimizer, cfg)
-    model, optimizer = accelerator.prepare(students, optimizer)  # the scheduler is checkpointed as JSON, by us
+    accelerator, model, optimizer, scheduler = _training_setup(students, cfg, seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
     folder = Path(folder) if folder else None
-    fixed = _fixed_settings(cfg, seed, input_hashes(students, pairs))
-    step, log, resumed_from = _resume(accelerator, scheduler, folder, fixed, resume)
+    fixed = ckpt.fixed_settings(cfg, seed, ckpt.input_hashes(students, pairs))
+    step, log, resumed_from = ckpt.restore(accelerator, scheduler, folder, fixed, resume)
     before = log[0] if log else {"step": 0, **{f"eval_{k}": v for k, v in held_out.measure(students).items()}}
-    if not log:
-        log.append(before)
-
+    log = log or [before]
     # the data position is part of the state: a resumed run skips exactly the pairs it has seen
-    start = step * cfg.batch_size // (world if pairs.streamed else 1)
-    stream = pairs.stream(start, rank, world)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    stream = pairs.stream(step * cfg.batch_size // (world if pairs.streamed else 1), rank, world)
     # at most one refresh a second: in a notebook every refresh is a widget message, and a long cell's burst of
     # them can overflow the kernel's message queue (nbval then misses the end of the cell)
     bar = tqdm(total=cfg.steps, initial=step, desc="distillation", mininterval=1.0,
@@ -612,14 +401,7 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
             if step >= cfg.steps or (stop_after is not None and step - first_step >= stop_after):
                 break
             reduced = _forward_backward(accelerator, model, students, teachers, batch, cfg, ids)
-            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            finite = bool(torch.isfinite(reduced).all() and torch.isfinite(norm))  # a term or a gradient overflowed?
-            if not finite and (accelerator.scaler is None or overflows >= MAX_OVERFLOWS):
-                raise _non_finite(reduced, norm, step, folder, accelerator.mixed_precision)
-            optimizer.step()  # fp16: the loss scaler skips a step whose gradients overflowed and lowers its scale
-            overflows = 0 if finite else overflows + 1
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            overflows = _optimiser_step(accelerator, model, optimizer, scheduler, reduced, cfg, overflows, step, folder)
             step += 1
             bar.update()
             row, seconds = _log_row(step, scheduler.get_last_lr()[-1], reduced, held_out, students, cfg)
@@ -629,7 +411,7 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
             if step % log_every == 0 or "eval_loss" in row:
                 log.append(row)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_checkpoint(accelerator, model, scheduler, folder, step, cfg, fixed, log)
+                ckpt.save(accelerator, model, scheduler, folder, step, cfg, fixed, log)
     finally:
         bar.close()
     seconds = time.perf_counter() - started - evaluating
@@ -640,6 +422,41 @@ def train(teachers: Teachers, students: Students, pairs, held_out: HeldOut, cfg,
                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                bad_lines=str(pairs.report), resumed_from=resumed_from, folder=folder,
                mixed_precision=accelerator.mixed_precision)
+
+
+def _training_setup(students: Students, cfg, seed: int):
+    """(accelerator, model, optimizer, scheduler): the students made trainable as ``cfg`` says, on the device, seeded;
+    the optimiser wrapped by accelerate (the scheduler is checkpointed as JSON, by us)."""
+    from accelerate.utils import set_seed
+
+    accelerator = _accelerator(_precision(cfg.mixed_precision))
+    if cfg.batch_size % (accelerator.num_processes * cfg.grad_accum):
+        raise ValueError(f"distill.batch_size = {cfg.batch_size} must split evenly over {accelerator.num_processes} "
+                         f"process(es) x {cfg.grad_accum} accumulation step(s)")
+    set_seed(seed)
+    _prepare_students(students, cfg)
+    students.to(accelerator.device)
+    optimizer = _optimizer(students, cfg, accelerator.device)
+    scheduler = _scheduler(optimizer, cfg)
+    model, optimizer = accelerator.prepare(students, optimizer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return accelerator, model, optimizer, scheduler
+
+
+def _optimiser_step(accelerator, model, optimizer, scheduler, reduced, cfg, overflows: int, step: int,
+                    folder: Path | None) -> int:
+    """Clip, step, schedule, clear: one optimiser step after ``_forward_backward``. A non-finite loss or gradient stops
+    training (``NonFiniteLoss``), unless fp16's loss scaler may skip it (up to ``MAX_OVERFLOWS`` in a row). Returns
+    the overflows in a row so far."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    finite = bool(torch.isfinite(reduced).all() and torch.isfinite(norm))  # a term or a gradient overflowed?
+    if not finite and (accelerator.scaler is None or overflows >= MAX_OVERFLOWS):
+        raise _non_finite(reduced, norm, step, folder, accelerator.mixed_precision)
+    optimizer.step()  # fp16: the loss scaler skips a step whose gradients overflowed and lowers its scale
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return 0 if finite else overflows + 1
 
 
 def _log_row(step: int, lr: float, reduced: torch.Tensor, held_out: HeldOut, students: Students, cfg):
@@ -658,7 +475,7 @@ def _eval_part(row: dict) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 6. the stage as one call
+# 5. the stage as one call
 
 
 @dataclass
@@ -675,6 +492,7 @@ class Setup:
     teachers: Teachers
     held_out: HeldOut
     mapping: object = None
+    made_from: dict = field(default_factory=dict)  # content hashes of the stage outputs read: stage name -> hash
 
     def pairs(self, share: float, empty_share: float = 0.0, seed: int | None = None) -> TrainingPairs:
         """The training stream: the training split with ``share`` of the items drawn from ``extra_pairs`` and
@@ -688,10 +506,11 @@ def prepare(profile, reference_sentences: int = 5000) -> Setup:
     teacher's mean output is taken over ``reference_sentences`` randomly drawn training sentences (5,000: a few
     seconds on ``tiny``, a minute of a GPU on SDXL's encoders, far longer on a CPU), and the extra pairs are the shapes
     world's *training* captions (its held-out combinations and phrasings stay out: stage 4 tests on them)."""
-    from .data import DataError, japanese_side, load_pairs, sample, take
+    from .core.runs import outputs_hash
+    from .data import DataError, load_pairs, sample, take
     from .embedding_init import stage_mapping
     from .shapes.world import caption_pairs
-    from .tokenization import japanese_tokenizers
+    from .tokenization import stage_tokenizers
 
     splits = load_pairs(profile)
     held_out_pairs = take(splits.test, profile.distill.eval_pairs)
@@ -699,12 +518,15 @@ def prepare(profile, reference_sentences: int = 5000) -> Setup:
         raise DataError(f"{profile.data.pairs}: the held-out split has {len(held_out_pairs)} pair(s) "
                         f"(data.test_fraction = {profile.data.test_fraction}): raise data.test_fraction, or give "
                         f"more pairs.")
-    tok, tok_2 = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
+    tok, tok_2 = stage_tokenizers(profile)  # stage 1's outputs: what stage 4 will read beside the encoders
+    mapping = stage_mapping(profile, required=False)
+    made_from = {"tokenizer": outputs_hash(profile, "tokenizer")}
+    if mapping is not None:
+        made_from["init"] = outputs_hash(profile, "init")
     teachers = load_teachers(profile)
     reference = [en for _, en in sample(splits.train, reference_sentences, profile.seed)]
     held_out = HeldOut.build(teachers, held_out_pairs, reference)
-    return Setup(profile, splits, caption_pairs("train"), tok, tok_2, teachers, held_out,
-                 stage_mapping(profile, required=False))
+    return Setup(profile, splits, caption_pairs("train"), tok, tok_2, teachers, held_out, mapping, made_from)
 
 
 def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, progress: bool = True,
@@ -724,7 +546,7 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
     cfg = dataclasses.replace(p.distill, **overrides)
     strategy = starting_rows(p, cfg.init)
     if setup.mapping is None and needs_mapping(strategy):
-        require(p, "init", "mapping.pt")  # raises: says to run `jpsdxl init`
+        require(p, "init")  # raises: says to run `jpsdxl init`
     students = make_students(setup.teachers, setup.tokenizer, setup.tokenizer_2, strategy, setup.mapping,
                              causal=cfg.causal, seed=seed, top_k=p.init.top_k, temperature=p.init.temperature,
                              threshold=p.init.threshold)
@@ -733,8 +555,11 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the trainer's Accelerator sees it
     lock = exclusive(folder, "--out") if folder is not None and main else nullcontext()
     with lock:
-        return train(setup.teachers, students, pairs, setup.held_out, cfg, seed=seed, folder=folder,
-                     resume=resume, progress=progress, stop_after=stop_after)
+        run = train(setup.teachers, students, pairs, setup.held_out, cfg, seed=seed, folder=folder,
+                    resume=resume, progress=progress, stop_after=stop_after)
+    used = {k: v for k, v in setup.made_from.items() if k != "init" or needs_mapping(strategy)}
+    run.made_from = {**used, "init_strategy": strategy, "steps": cfg.steps, "seed": seed}
+    return run
 
 
 def run(profile, out: str | Path | None = None, resume: bool = True, progress: bool = True, **overrides) -> Run:
@@ -746,12 +571,13 @@ def run(profile, out: str | Path | None = None, resume: bool = True, progress: b
     from .core.runs import ensure_writable, require, stage_dir
     from .embedding_init import needs_mapping
 
+    require(profile, "tokenizer")  # before anything loads: says to run `jpsdxl tokenizer`
     if needs_mapping(starting_rows(profile, overrides.get("init"))):
-        require(profile, "init", "mapping.pt")  # before anything loads: says to run `jpsdxl init`
+        require(profile, "init")  # and `jpsdxl init`
     out = ensure_writable(Path(out).resolve() if out else stage_dir(profile, "distill"), "--out")
     result = distil(prepare(profile), out, resume=resume, progress=progress, **overrides)
     if PartialState().is_main_process:
-        save_students(result.students, out, profile.torch_dtype())
+        save_students(result.students, out, profile.torch_dtype(), result.made_from)
     return result
 
 
@@ -804,21 +630,24 @@ def compare(setup: Setup, variants: dict[str, dict], steps: int, seeds: int | No
 
 
 # -----------------------------------------------------------------------------
-# 7. the students as diffusers components
+# 6. the students as diffusers components
 
 
-def save_students(students: Students, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+def save_students(students: Students, folder: str | Path, dtype: torch.dtype | None = None,
+                  made_from: dict | None = None) -> Path:
     """``folder/{text_encoder,text_encoder_2,tokenizer,tokenizer_2}``: what stage 4 puts into the pipelines, each
     loadable with ``from_pretrained`` (safetensors), each written atomically. ``dtype``: the weights stored in it
     (the profile's, in which the pipelines load them: half the bytes on a half-precision profile, nothing that stage
-    4 reads lost; the checkpoints keep training's float32)."""
-    folder = Path(folder)
-    from .core.runs import quiet_hf_progress
+    4 reads lost; the checkpoints keep training's float32). ``made_from`` (a run's): recorded as stage 3's outputs."""
+    from .core.runs import TEXT_PARTS, quiet_hf_progress, record
 
-    for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+    folder = Path(folder)
+    for name in TEXT_PARTS:
         part = getattr(students, name)
         cast = dtype is not None and isinstance(part, torch.nn.Module)  # the encoders; tokenizers are files
         kw = {"state_dict": {k: v.to(dtype) for k, v in part.state_dict().items()}} if cast else {}
         with atomic_path(folder / name) as tmp, quiet_hf_progress():
             part.save_pretrained(tmp, **kw)
+    if made_from is not None:
+        record(folder, "distill", made_from)
     return folder

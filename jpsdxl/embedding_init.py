@@ -359,7 +359,7 @@ def compare_inits(english, ja_tokenizers, mapping_1: Mapping, mapping_2: Mapping
                   reference_english: list[str], strategies=STRATEGIES, **options) -> dict[str, dict]:
     """For each strategy: Japanese copies of both encoders, started that way, measured at step 0 against the
     English teachers on ``held_out`` (ja, en) pairs: the loss stage 3 minimises, centred cosines and pool-100
-    retrieval (``distillation.held_out_metrics``). ``reference_english`` (training sentences) gives the teacher's
+    retrieval (``targets.held_out_metrics``). ``reference_english`` (training sentences) gives the teacher's
     mean pooled output that the cosines are centred on.
 
     ``english``: the English encoders and tokenizers (``encoders.load_english``, or a pipeline: the same names).
@@ -396,15 +396,21 @@ def embed_vocab(embedder: Embedder, vocab: Vocab, progress: bool = True) -> np.n
     return embed(embedder, unique, progress=progress)[[position[t] for t in vocab.texts]]
 
 
-def save_mapping(mapping: Mapping, folder: str | Path, **settings) -> Path:
+def save_mapping(mapping: Mapping, folder: str | Path, profile=None) -> Path:
     """``mapping.tsv`` (readable) and ``mapping.pt`` (ids and scores, with the settings that made them), from which
-    ``initial_rows`` rebuilds any strategy's rows: what stage 4 loads for its "init only" encoders."""
+    ``initial_rows`` rebuilds any strategy's rows: what stage 3 starts from and stage 4's "init only" encoders load.
+    With the ``profile`` it was made for: stage 2's outputs, recorded as made from stage 1's tokenizers."""
+    from .core.runs import outputs_hash, record
+
     folder = Path(folder)
+    settings = {"embedder": profile.init.embedder, "candidates": profile.init.candidates} if profile else {}
     save_mapping_tsv(mapping, folder / "mapping.tsv")
     with atomic_path(folder / "mapping.pt") as tmp:
         torch.save({"ja_ids": mapping.ja.ids, "ja_texts": mapping.ja.texts, "ja_pieces": mapping.ja.pieces,
                     "en_ids": mapping.en.ids, "en_texts": mapping.en.texts, "en_pieces": mapping.en.pieces,
                     "top_ids": mapping.en_ids, "top_scores": mapping.scores, "settings": settings}, tmp)
+    if profile is not None:
+        record(folder, "init", {"tokenizer": outputs_hash(profile, "tokenizer"), **settings})
     return folder / "mapping.pt"
 
 
@@ -428,23 +434,21 @@ def best_score_by_script(mapping: Mapping) -> dict[str, np.ndarray]:
 
 
 def run(profile, progress: bool = True) -> Mapping:
-    """Stage 2 (``jpsdxl init``): embed the Japanese vocabulary and the profile's English candidates
+    """Stage 2 (``jpsdxl init``): embed stage 1's Japanese vocabulary and the profile's English candidates
     (``init.candidates``) with its embedder, find each piece's ``init.top_k`` nearest English tokens, and write
     ``mapping.pt`` / ``mapping.tsv`` to ``runs/<profile>/02_embedding_init/``. Reads tokenizers only: no model."""
     from .core.runs import ensure_writable, stage_dir
-    from .data import japanese_side, load_pairs
-    from .tokenization import japanese_tokenizers, sdxl_tokenizers
+    from .tokenization import sdxl_tokenizers, stage_tokenizers
 
     cfg = profile.init
     out = ensure_writable(stage_dir(profile, "init", create=False), "the runs folder (--runs, JPSDXL_RUNS)")
-    splits = load_pairs(profile)
-    ja_tok, _ = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
+    ja_tok, _ = stage_tokenizers(profile)
     clip_tok, _ = sdxl_tokenizers(profile)
     ja, en = japanese_vocab(ja_tok), clip_vocab(clip_tok, cfg.candidates)
     embedder = make_embedder(cfg.embedder)
     mapping = build_mapping(ja, en, embed_vocab(embedder, ja, progress), embed_vocab(embedder, en, progress),
                             k=cfg.top_k, chunk=cfg.chunk)
-    save_mapping(mapping, out, embedder=cfg.embedder, candidates=cfg.candidates)
+    save_mapping(mapping, out, profile)
     return mapping
 
 
@@ -467,12 +471,13 @@ def check_mapping(mapping: Mapping, tokenizer) -> None:
 
 
 def stage_mapping(profile, required: bool = True) -> Mapping | None:
-    """Stage 2's mapping for ``profile`` as ``run`` (or notebook 02) saved it. Missing: an error that says to run
-    ``jpsdxl init``, or ``None`` when not ``required``."""
+    """Stage 2's mapping for ``profile`` as ``run`` (or notebook 02) saved it, checked to be made from stage 1's
+    tokenizers as they are now. Missing: an error that says to run ``jpsdxl init``, or ``None`` when not
+    ``required``."""
     from .core.runs import StageOutputMissing, require
 
     try:
-        folder = require(profile, "init", "mapping.pt")
+        folder = require(profile, "init")
     except StageOutputMissing:
         if required:
             raise

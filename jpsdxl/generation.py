@@ -12,6 +12,7 @@ model's folders (``assembly.py``); what the notebooks measure about generation i
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 
@@ -95,6 +96,71 @@ def with_text_parts(pipelines, text_encoder, text_encoder_2, tokenizer, tokenize
     for pipe in (new_base, new_refiner):
         pipe.set_progress_bar_config(disable=True)
     return new_base, new_refiner
+
+
+# -----------------------------------------------------------------------------
+# the models stage 4 compares, each sharing the English UNets, VAE and scheduler
+
+
+def compared_models(profile, students_dir: str | Path, model_dir: str | Path, english) -> dict:
+    """The models stage 4 compares, each as a loader: ``name -> load()`` giving its (base, refiner), placed as
+    ``generate.offload`` says. The English original; copies with every row the mean English row (untrained) and with
+    stage 2's similarity rows (init only; stage 2's mapping, checked by ``runs.require``), both with stage
+    3's saved tokenizers; the distilled model assembled in ``model_dir``; and, where the profile names one and it can
+    be had, the published Japanese SDXL (``models.published``; else left out, in one line).
+
+    Every Japanese model shares ``english``'s UNets, VAE and scheduler, and its text encoders exist only while what
+    ``load()`` returned is held: call, use, drop, and one Japanese text-encoder pair is resident at a time (at SDXL's
+    shapes, 1.6 GB in fp16 each; five at once do not fit Colab's host RAM beside the UNets)."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from .assembly import japanese_model, load_assembled
+    from .core.hub import ModelNotAvailable
+    from .distillation import Teachers, make_students
+    from .embedding_init import stage_mapping
+
+    students_dir = Path(students_dir)
+    tok, tok_2 = (AutoTokenizer.from_pretrained(students_dir / t) for t in ("tokenizer", "tokenizer_2"))
+    base = english[0]
+    teachers = Teachers(base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2)
+    mapping = stage_mapping(profile)
+
+    def copies(strategy: str, mapping):
+        def load():
+            s = make_students(teachers, tok, tok_2, strategy, mapping, seed=profile.seed, dtype=None)  # as the pipes
+            return place(profile, *with_text_parts(english, s.text_encoder.eval(), s.text_encoder_2.eval(), tok, tok_2))
+        return load
+
+    def folder(model):
+        return lambda: place(profile, *load_assembled(model, profile.torch_dtype(), device=None, share=english))
+
+    loaders = {"English (original)": lambda: place(profile, *english),
+               "untrained (mean rows)": copies("mean", None), "init only (similarity)": copies("similarity", mapping),
+               "distilled": folder(model_dir)}
+    if profile.models.published:
+        try:  # found (or fetched) now: a model that cannot be had is left out before anything is drawn
+            loaders["SD-XL 1.0-jp (published)"] = folder(japanese_model(profile, profile.models.published))
+        except ModelNotAvailable as e:
+            print(f"{profile.models.published} is left out of the comparison: {str(e).splitlines()[0]}",
+                  file=sys.stderr)
+    return loaders
+
+
+def with_students(english, students_dir: str | Path):
+    """(base, refiner) that read prompts through a stage-3 output folder's encoders and tokenizers (``save_students``
+    layout) and share ``english``'s UNets, VAE and scheduler: nothing is assembled on disk."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .assembly import students_folder
+
+    folder = students_folder(students_dir)
+    with quiet_hf_progress():
+        te = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        te_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+    tok, tok_2 = (AutoTokenizer.from_pretrained(folder / name) for name in ("tokenizer", "tokenizer_2"))
+    return with_text_parts(english, te.eval(), te_2.eval(), tok, tok_2)
 
 
 def _settings(pipe) -> dict:
@@ -186,3 +252,56 @@ def apply_memory_option(base, refiner, option: str, device="cuda") -> None:
         refiner.enable_model_cpu_offload(device=device)
     elif option != "plain":
         raise ValueError(f"unknown memory option {option!r}; the options are {', '.join(MEMORY_OPTIONS)}")
+
+
+# -----------------------------------------------------------------------------
+# stage 4 as one call
+
+
+def run(profile, prompts: list[str], paths: list, model=None, negative_prompt: str | None = None,
+        offload: bool = False, **overrides) -> list:
+    """Stage 4 (``jpsdxl generate``): draw each prompt with the profile's Japanese SDXL (stage 3's encoders,
+    assembled; or ``model``: a folder with base/ and refiner/, or hub ids) and write it to its path, batch by batch
+    as it is drawn (``generate.batch_size``), each file written atomically. ``offload``: diffusers' model CPU offload
+    and a VAE in tiles, whatever ``generate.offload`` says. Keyword arguments override ``[generate]``."""
+    import sys
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from PIL import Image
+    from transformers.utils import logging as transformers_logging
+
+    from .assembly import japanese_model, load_assembled
+    from .core.runs import atomic_path
+    from .tokenization import encode_prompts
+
+    profile.check_device()
+    if offload and profile.torch_device().type != "cuda":
+        raise ValueError(f"--offload moves each part between the CPU and a CUDA GPU; profile {profile.name!r} runs on "
+                         f"{profile.device}: leave --offload out")
+    found = japanese_model(profile, model)
+    if offload:  # offloaded as loaded (never moved to the GPU whole); the VAE decodes in tiles and slices
+        base, refiner = load_assembled(found, profile.torch_dtype(), profile.torch_device(), offload=True)
+        apply_memory_option(base, refiner, "vae tiling + slicing")
+    else:  # where the profile's generate.offload puts them (colab: text encoders swapped in)
+        base, refiner = place(profile, *load_assembled(found, profile.torch_dtype(), device=None))
+    with warnings.catch_warnings(record=True) as caught:  # a prompt over 77 tokens: say once what was cut
+        warnings.simplefilter("always")
+        encode_prompts(base.tokenizer, prompts)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    for lib in (diffusers_logging, transformers_logging):  # their truncation warnings, once per encoder: said above
+        lib.set_verbosity_error()
+    size = profile.generate.batch_size
+    for batch, batch_paths in zip(batched(prompts, size), batched(paths, size)):
+        try:
+            images, _ = generate(profile, base, refiner, batch,
+                                 negative_prompt=negative_prompt and [negative_prompt] * len(batch), **overrides)
+        except torch.cuda.OutOfMemoryError:
+            raise ValueError("the GPU ran out of memory: try --offload (model CPU offload + VAE tiling), a smaller "
+                             "--size, or generate.batch_size = 1 in the profile") from None
+        for image, path in zip(images, batch_paths):
+            with atomic_path(path) as tmp:  # a full disk leaves the old file (or none), never half an image
+                image.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+            print(path, flush=True)
+    return paths

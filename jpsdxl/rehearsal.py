@@ -86,7 +86,6 @@ def _folder_files(folder: Path, prefix: str = "") -> dict[str, Path]:
 
 def _with_fp16_variant(files: dict[str, Path], out: Path) -> dict[str, Path | bytes]:
     """``files`` plus, beside each safetensors weights file, its ``.fp16`` variant (the tensors cast to float16)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     result: dict[str, Path | bytes] = dict(files)

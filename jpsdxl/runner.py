@@ -37,7 +37,12 @@ class NotebookFailed(RuntimeError):
 
 
 def notebooks(notebook_dir: str | Path = NOTEBOOK_DIR, only: list[str] | None = None) -> list[Path]:
-    found = sorted(Path(notebook_dir).glob("[0-9][0-9]_*.ipynb"))
+    """The notebooks to execute, in the recipe's order: each stage's (``runs.STAGES``) that is there, then any other
+    ``NN_*.ipynb`` in the folder, by name."""
+    folder = Path(notebook_dir)
+    staged = [folder / f"{s.folder}.ipynb" for s in STAGES.values()]
+    found = [nb for nb in staged if nb.is_file()]
+    found += [nb for nb in sorted(folder.glob("[0-9][0-9]_*.ipynb")) if nb not in staged]
     if only:
         found = [nb for nb in found if any(nb.stem.startswith(o) for o in only)]
     return found
@@ -83,13 +88,13 @@ def fingerprint(notebook: Path, profile, root: Path) -> str:
              .encode())
     for path in local_inputs(profile):  # the data file, a local tokenizer or model: their content, not their names
         h.update(f"{path} {_stat(path)}".encode())
-    for earlier in notebooks(notebook.parent):
-        if earlier.stem < notebook.stem:
-            folder = runs_dir(profile.name, earlier.stem, root, create=False)
-            h.update((folder / FINGERPRINT).read_bytes() if (folder / FINGERPRINT).exists() else b"not run")
-            for f in sorted(folder.rglob("*")) if folder.is_dir() else ():
-                if f.is_file() and f.suffix != ".html":  # the HTML export is a view, no later notebook reads it
-                    h.update(f"{f.relative_to(folder).as_posix()} {f.stat().st_size} {f.stat().st_mtime_ns}".encode())
+    order = notebooks(notebook.parent)
+    for earlier in order[:order.index(notebook)] if notebook in order else ():
+        folder = runs_dir(profile.name, earlier.stem, root, create=False)
+        h.update((folder / FINGERPRINT).read_bytes() if (folder / FINGERPRINT).exists() else b"not run")
+        for f in sorted(folder.rglob("*")) if folder.is_dir() else ():
+            if f.is_file() and f.suffix != ".html":  # the HTML export is a view, no later notebook reads it
+                h.update(f"{f.relative_to(folder).as_posix()} {f.stat().st_size} {f.stat().st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -127,11 +132,18 @@ class PeakMemory:
 
 
 def local_inputs(profile) -> list[Path]:
-    """The local files and folders a profile names (its data file, a tokenizer or model folder): hub ids, zoo
-    recipes and Tatoeba (pinned by its checksum) are not paths."""
+    """The local files and folders a profile names (its data file, a tokenizer or model folder) and the zoo's builds
+    of the models it names (a cache the notebooks read: rebuilt or edited, it is another input). Hub ids (immutable
+    snapshots) and Tatoeba (pinned by its checksum) are not paths; the other caches are keyed by their content."""
+    from .core.runs import cache_dir
+    from .core.zoo import cache_key
+
     m = profile.models
     named = (profile.data.pairs.removeprefix("hf:"), profile.tokenizer.source, m.base, m.refiner, m.vae, m.published)
-    return [Path(p).expanduser() for p in named if p and not p.startswith("zoo:") and Path(p).expanduser().exists()]
+    zoo = {cache_dir("zoo") / cache_key(p.removeprefix("zoo:").partition("/")[0]) for p in named
+           if p and p.startswith("zoo:")}
+    paths = [Path(p).expanduser() for p in named if p and not p.startswith("zoo:")]
+    return [p for p in [*paths, *sorted(zoo)] if p.exists()]
 
 
 def _stat(path: Path) -> str:

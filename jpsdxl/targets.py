@@ -2,7 +2,8 @@
 
 The targets are what SDXL's UNets consume from the text side (diffusers' ``encode_prompt``): the penultimate hidden
 states (``hidden_states[-2]``) of ``text_encoder`` and ``text_encoder_2`` on all 77 positions, and
-``text_encoder_2``'s pooled, projected ``text_embeds``. The metrics: per-target MSE, cosines centred on the teacher's
+``text_encoder_2``'s pooled, projected ``text_embeds`` (the card says only "hidden states": which ones is this
+tutorial's reading, a departure). The metrics: per-target MSE, cosines centred on the teacher's
 mean output (raw cosines are dominated by a component every sentence shares), matched against mismatched pairs, and
 retrieval among pools of 100 (chance 1 %).
 

@@ -265,13 +265,13 @@ def japanese_tokenizers(profile, japanese_texts: Sequence[str] | None = None):
     from transformers import AutoTokenizer
 
     model, specials = sentencepiece_model(profile, japanese_texts)
-    layout = f"{FAST_LAYOUT_VERSION}{sorted((specials or {}).items())}{profile.tokenizer.max_length}"
+    layout = f"{FAST_LAYOUT_VERSION}{sorted((specials or {}).items())}{MAX_LENGTH}"
     key = hashlib.sha256((_content_key(model) + layout).encode()).hexdigest()[:12]
     folder = model.parent / f"fast-{key}"
     if not (folder / "tokenizer_2").exists():
         with atomic_path(folder) as tmp:
             for sub, pad_with in (("tokenizer", "eos"), ("tokenizer_2", "pad")):
-                sentencepiece_to_fast(model, specials, pad_with, profile.tokenizer.max_length).save_pretrained(tmp / sub)
+                sentencepiece_to_fast(model, specials, pad_with, MAX_LENGTH).save_pretrained(tmp / sub)
     return (AutoTokenizer.from_pretrained(folder / "tokenizer"), AutoTokenizer.from_pretrained(folder / "tokenizer_2"))
 
 
@@ -407,17 +407,36 @@ def describe_characters(chars) -> str:
 # stage 1 as one call
 
 
-def run(profile) -> Path:
-    """Stage 1 (``jpsdxl tokenizer``): train (or fetch) the profile's Japanese tokenizer on the Japanese side of the
-    training split and save both tokenizers, SDXL's conventions applied, to ``runs/<profile>/01_tokenizer_alignment/``
-    (``tokenizer``, ``tokenizer_2``: what stage 3 saves beside its encoders, here before any training)."""
-    from .core.runs import stage_dir
-    from .data import japanese_side, load_pairs
+def save_tokenizers(profile, tokenizers, folder: str | Path | None = None) -> Path:
+    """Stage 1's outputs: ``tokenizer`` and ``tokenizer_2`` in ``folder`` (default ``runs/<profile>/01_tokenizer_
+    alignment``), each written atomically, and the stage's record of what made them. What stages 2-4 read."""
+    import dataclasses
 
-    splits = load_pairs(profile)
-    tokenizers = japanese_tokenizers(profile, japanese_side(splits.train, profile.tokenizer.train_sentences))
-    folder = stage_dir(profile, "tokenizer")
+    from .core.runs import record, stage_dir
+
+    folder = Path(folder) if folder else stage_dir(profile, "tokenizer")
     for name, tokenizer in zip(("tokenizer", "tokenizer_2"), tokenizers):
         with atomic_path(folder / name) as tmp:
             tokenizer.save_pretrained(tmp)
+    record(folder, "tokenizer", {"data": profile.data.pairs, **dataclasses.asdict(profile.tokenizer)})
     return folder
+
+
+def stage_tokenizers(profile):
+    """(tokenizer, tokenizer_2) as stage 1 saved them for ``profile``: missing, an error that says what to run."""
+    from transformers import AutoTokenizer
+
+    from .core.runs import require
+
+    folder = require(profile, "tokenizer")
+    return AutoTokenizer.from_pretrained(folder / "tokenizer"), AutoTokenizer.from_pretrained(folder / "tokenizer_2")
+
+
+def run(profile) -> Path:
+    """Stage 1 (``jpsdxl tokenizer``): train (or fetch) the profile's Japanese tokenizer on the Japanese side of the
+    training split and save both, SDXL's conventions applied (``save_tokenizers``)."""
+    from .data import japanese_side, load_pairs
+
+    splits = load_pairs(profile)
+    return save_tokenizers(profile, japanese_tokenizers(profile, japanese_side(splits.train,
+                                                                               profile.tokenizer.train_sentences)))

@@ -2,6 +2,7 @@
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the Hugging Face cache of every test is the stand-in hub (jpsdxl/rehearsal.py, built by the `standin_hub` fixture):
 # set before any library reads it, so that a hub id in `full` or `colab` resolves there through the real loaders
 os.environ["HF_HUB_CACHE"] = str(Path(os.environ.get("JPSDXL_CACHE", "~/.cache/jpsdxl")).expanduser() / "standin-hub")
+# the stage folders of every test that does not choose its own: a temporary folder, never the checkout's runs/
+os.environ["JPSDXL_RUNS"] = tempfile.mkdtemp(prefix="jpsdxl-test-runs-")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pytest
 
 from jpsdxl import distillation as D
 from jpsdxl import assembly as A
+from jpsdxl import generation as G
 from jpsdxl.cli import main
 
 
@@ -154,18 +155,21 @@ def _live(cls) -> int:
 
 
 @pytest.fixture
-def stage_2_mapping(pipelines, ja_tokenizers, tmp_path, monkeypatch):
-    """A stage-2 mapping for the "init only" model, in a runs folder of this test's own."""
+def stage_2_mapping(tiny, pipelines, ja_tokenizers, tmp_path, monkeypatch):
+    """Stage 1's tokenizers and a stage-2 mapping made from them (the "init only" model's), in a runs folder of this
+    test's own."""
     import torch
 
     from jpsdxl import embedding_init as E
+    from jpsdxl.tokenization import save_tokenizers
 
     monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
+    save_tokenizers(tiny, ja_tokenizers)
     ja, en = E.japanese_vocab(ja_tokenizers[0]), E.clip_vocab(pipelines[0].tokenizer)
     rng = torch.Generator().manual_seed(0)
     E.save_mapping(E.Mapping(ja, en, torch.rand(len(ja), 5, generator=rng),
                              torch.as_tensor(en.ids)[torch.randint(len(en), (len(ja), 5), generator=rng)]),
-                   tmp_path / "tiny" / "02_embedding_init")
+                   tmp_path / "tiny" / "02_embedding_init", tiny)
 
 
 def test_the_compared_models_share_one_unet_pair_and_hold_one_japanese_pair(tiny, model, pipelines, stage_2_mapping):
@@ -176,7 +180,7 @@ def test_the_compared_models_share_one_unet_pair_and_hold_one_japanese_pair(tiny
     from transformers import CLIPTextModelWithProjection
 
     unets, encoders = _live(UNet2DConditionModel), _live(CLIPTextModelWithProjection)
-    models = A.compared_models(tiny, model.parent / "students", model, pipelines)
+    models = G.compared_models(tiny, model.parent / "students", model, pipelines)
     assert list(models) == ["English (original)", "untrained (mean rows)", "init only (similarity)", "distilled"]
     for name, load in models.items():
         base, refiner = load()
@@ -222,15 +226,21 @@ def test_a_model_assembled_from_older_encoders_is_assembled_again(tiny, model, t
     """`jpsdxl distill --fresh` after an earlier run: `jpsdxl generate` must not draw with the old encoders."""
     import shutil
 
+    from jpsdxl.core.runs import StaleStageOutput, record
+
     monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
     students = tmp_path / "tiny" / "03_distillation"
     shutil.copytree(model.parent / "students", students)
+    record(students, "distill", {})  # as stage 3 records what it wrote
     first = A.japanese_model(tiny)  # assembled now (the cache may hold one from other students: then again)
     capsys.readouterr()
     recorded = (first.base.parent / "source.json").read_text()
     assert A.japanese_model(tiny) == first and "assembling it again" not in capsys.readouterr().err
     config = students / "text_encoder" / "config.json"
-    config.write_text(config.read_text() + "\n")  # stage 3 wrote new encoders
+    config.write_text(config.read_text() + "\n")  # changed by hand: not what stage 3 recorded, refused
+    with pytest.raises(StaleStageOutput, match="outputs changed after the stage wrote them"):
+        A.japanese_model(tiny)
+    record(students, "distill", {})  # stage 3 wrote new encoders
     assert A.japanese_model(tiny) == first
     assert "assembling it again" in capsys.readouterr().err
     assert (first.base.parent / "source.json").read_text() != recorded
@@ -299,8 +309,8 @@ def test_the_published_model_joins_the_comparison_where_reachable(tiny, model, p
     from jpsdxl.rehearsal import JP_BASE
 
     students = model.parent / "students"
-    assert "SD-XL 1.0-jp (published)" not in A.compared_models(tiny, students, model, pipelines)  # tiny names none
-    models = A.compared_models(derive(tiny, models={"published": JP_BASE}), students, model, pipelines)
+    assert "SD-XL 1.0-jp (published)" not in G.compared_models(tiny, students, model, pipelines)  # tiny names none
+    models = G.compared_models(derive(tiny, models={"published": JP_BASE}), students, model, pipelines)
     base, refiner = models["SD-XL 1.0-jp (published)"]()
     assert base.unet is pipelines[0].unet and refiner.unet is pipelines[1].unet  # one UNet pair, shared
     assert "T5Tokenizer" in type(base.tokenizer).__name__ and base.text_encoder is not pipelines[0].text_encoder
@@ -308,7 +318,7 @@ def test_the_published_model_joins_the_comparison_where_reachable(tiny, model, p
     assert ids[-1] == base.tokenizer.eos_token_id
     assert "<|startoftext|>" not in base.tokenizer.convert_ids_to_tokens(ids)
     capsys.readouterr()
-    gone = A.compared_models(derive(tiny, models={"published": "nobody/jp-base-1.0"}), students, model, pipelines)
+    gone = G.compared_models(derive(tiny, models={"published": "nobody/jp-base-1.0"}), students, model, pipelines)
     assert "SD-XL 1.0-jp (published)" not in gone
     err = capsys.readouterr().err
     assert "nobody/jp-base-1.0 is left out of the comparison" in err and err.count("\n") == 1
@@ -316,12 +326,12 @@ def test_the_published_model_joins_the_comparison_where_reachable(tiny, model, p
 
 def test_a_stage_3_folder_draws_through_the_english_unets(model, pipelines, ja_tokenizers, tmp_path):
     students = model.parent / "students"
-    base, refiner = A.with_students(pipelines, students)
+    base, refiner = G.with_students(pipelines, students)
     assert base.unet is pipelines[0].unet and refiner.unet is pipelines[1].unet
     assert base.text_encoder.config.vocab_size == len(ja_tokenizers[0]) and refiner.text_encoder_2 is base.text_encoder_2
     assert base.tokenizer("赤い丸").input_ids == ja_tokenizers[0]("赤い丸").input_ids
     with pytest.raises(FileNotFoundError, match="lacks text_encoder"):
-        A.with_students(pipelines, tmp_path)
+        G.with_students(pipelines, tmp_path)
 
 
 def test_a_tokenizer_that_does_not_fit_its_text_encoder_is_refused_before_drawing(tiny, model, tmp_path, splits,

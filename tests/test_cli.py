@@ -63,34 +63,19 @@ def test_relative_profile_runs_and_data_paths_work_inside_the_notebooks(tmp_path
 
 
 def test_each_stage_says_what_to_run_when_its_input_is_missing(tmp_path, monkeypatch, capsys):
-    """A fresh runs folder: distill needs stage 2's mapping, generate stage 3's encoders; one line each, exit 2."""
+    """A fresh runs folder: init and distill need stage 1's tokenizers, generate stage 3's encoders; one line each,
+    exit 2."""
     monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
-    assert main(["distill", "--profile", "tiny"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "run `jpsdxl init --profile tiny`" in err and "Traceback" not in err
+    for stage in ("init", "distill"):
+        assert main([stage, "--profile", "tiny"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "run `jpsdxl tokenizer --profile tiny`" in err and "Traceback" not in err
     assert main(["generate", "赤い丸", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "run `jpsdxl distill --profile tiny`" in err and "text_encoder" in err
     with pytest.raises(SystemExit):  # a start that does not exist is refused by the parser, before anything loads
         main(["distill", "--profile", "tiny", "--init", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_jpsdxl_init_writes_the_mapping_that_stage_3_reads(tmp_path, monkeypatch, capsys):
-    """`jpsdxl init` alone (a workshop catching up without notebook 02): mapping.pt and mapping.tsv, found by the
-    stage that reads them."""
-    from jpsdxl.core.profiles import load_profile
-    from jpsdxl.embedding_init import stage_mapping
-
-    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
-    assert main(["init", "--profile", "tiny"]) == 0
-    folder = tmp_path / "tiny" / "02_embedding_init"
-    rows = (folder / "mapping.tsv").read_text(encoding="utf-8").splitlines()
-    mapping = stage_mapping(load_profile("tiny"))
-    assert rows[0] == "ja_piece\ten_token\tscore" and len(rows) == len(mapping.ja) + 1
-    best = {r.split("\t")[0]: r.split("\t")[1] for r in rows[1:]}
-    assert best["猫"] == "cat" and best["犬"] == "dog"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -196,3 +181,37 @@ def test_two_generate_runs_into_one_out_do_not_overwrite_each_other(tmp_path, ca
     with output_lock(out):  # the first run, still drawing
         assert main(["generate", "赤い丸", "--out", str(out)]) == 2
     assert "is in use by" in capsys.readouterr().err and not out.exists()
+
+
+def lora_run(profile):
+    """A fifth stage's `run`, for the test below: what a real one would return, its output folder."""
+    from jpsdxl.core.runs import stage_dir
+
+    return stage_dir(profile, "lora")
+
+
+def test_a_stage_is_one_module_and_one_row(tmp_path, monkeypatch, capsys):
+    """A new row in the stage table (a sketch of a LoRA stage): `jpsdxl --help` lists its command, the command calls
+    its `run`, the runner executes its notebook after its inputs' notebooks, and a missing output names its command."""
+    import nbformat
+
+    from jpsdxl import runner
+    from jpsdxl.core.runs import STAGES, Stage, StageOutputMissing, require
+
+    monkeypatch.setitem(STAGES, "lora", Stage("05_lora", "lora", "tests.test_cli:lora_run",
+                                              "stage 5: LoRA on the UNet with Japanese captions", ("distill",),
+                                              ("unet_lora",)))
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path / "runs"))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "stage 5: LoRA on the UNet with Japanese captions" in capsys.readouterr().out
+    assert main(["lora", "--profile", "tiny"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "runs" / "tiny" / "05_lora")
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for stem in ("03_distillation", "05_lora", "00_overview", "04_extra"):
+        nbformat.write(nbformat.v4.new_notebook(), nbs / f"{stem}.ipynb")
+    assert [nb.stem for nb in runner.notebooks(nbs)] == ["00_overview", "03_distillation", "05_lora", "04_extra"]
+    with pytest.raises(StageOutputMissing, match=r"lacks unet_lora: run `jpsdxl lora --profile tiny` \(or notebook "
+                                                 r"05_lora\)"):
+        require("tiny", "lora")

@@ -46,6 +46,9 @@ def small_profile(tmp_path_factory, splits):
 
 @pytest.fixture(scope="module")
 def setup(small_profile):
+    from jpsdxl.tokenization import run as stage_1
+
+    stage_1(small_profile)  # the tokenizers stage 3 reads
     return D.prepare(small_profile)
 
 
@@ -171,6 +174,7 @@ def test_two_processes_through_accelerate_launch_give_the_same_loss(small_profil
         return [dict(zip(rows[0], r)) for r in rows[1:]], out
 
     # one process: the CLI in this process (a third interpreter would only start, import and load again)
+    assert cli.main(["tokenizer", "--profile", str(profile)]) == 0  # stage 1, read by both runs
     assert cli.main(["distill", "--profile", str(profile), "--out", str(tmp_path / "one"), "--steps", "4"]) == 0
     assert "processes: 1" in capsys.readouterr().out
     one, out1 = log(tmp_path / "one")

@@ -129,8 +129,10 @@ LAYERS = [
     ["jpsdxl.tokenization"],  # stage 1
     ["jpsdxl.targets"],  # stage 3's targets and metrics: stage 2 measures its starting rows with them
     ["jpsdxl.encoders", "jpsdxl.embedding_init"],  # stage 2
+    ["jpsdxl.checkpoints"],  # stage 3's checkpoints
     ["jpsdxl.distillation"],  # stage 3
-    ["jpsdxl.generation", "jpsdxl.assembly"],  # stage 4
+    ["jpsdxl.assembly"],  # stage 4's model folders
+    ["jpsdxl.generation"],  # stage 4
     ["jpsdxl.shapes.training", "jpsdxl.notebook", "jpsdxl.notebook.overview", "jpsdxl.notebook.tables",
      "jpsdxl.notebook.measure", "jpsdxl.notebook.costs", "jpsdxl.notebook.plotting", "jpsdxl.notebook.colab"],
     ["jpsdxl.runner", "jpsdxl.rehearsal", "jpsdxl.cli"],
@@ -182,3 +184,30 @@ def test_nothing_cites_files_outside_the_repository():
              and p.suffix in {".py", ".ipynb", ".md", ".toml", ".yml", ".sh", ".txt", ""}]
     assert len(files) > 50
     assert not [str(p.relative_to(ROOT)) for p in files if needle in p.read_text(errors="ignore")]
+
+
+STAGE_MODULES = ["tokenization", "embedding_init", "distillation", "checkpoints", "generation", "assembly"]
+
+
+def test_no_function_in_a_stage_module_is_over_60_lines():
+    """A stage reads top to bottom: its algorithm as plain functions, none longer than a screen."""
+    long = [(name, node.name, node.end_lineno - node.lineno + 1) for name in STAGE_MODULES
+            for node in ast.walk(ast.parse((ROOT / "jpsdxl" / f"{name}.py").read_text()))
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, long
+
+
+def test_the_stage_table_names_real_modules_notebooks_and_earlier_stages():
+    """Each row's `run` exists, its notebook is in notebooks/, and it reads only stages declared before it."""
+    import importlib
+
+    from jpsdxl.core.runs import STAGES
+
+    seen = []
+    for key, stage in STAGES.items():
+        assert (ROOT / "notebooks" / f"{stage.folder}.ipynb").is_file(), stage.folder
+        if stage.run:
+            module, _, function = stage.run.partition(":")
+            assert callable(getattr(importlib.import_module(module), function)), stage.run
+        assert set(stage.inputs) <= set(seen), (key, stage.inputs)
+        seen.append(key)

@@ -81,15 +81,69 @@ def test_runs_go_to_the_working_directory_never_the_install_location(tmp_path, m
 
 
 def test_a_missing_stage_output_names_the_command_that_makes_it(tmp_path, monkeypatch):
-    from jpsdxl.core.runs import STAGES, StageOutputMissing, require, stage_dir
+    from jpsdxl.core.runs import STAGES, StageOutputMissing, record, require, stage_dir
 
     monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
     with pytest.raises(StageOutputMissing, match=r"mapping.pt: run `jpsdxl init --profile tiny` \(or notebook "
                                                  r"02_embedding_init\) first"):
         require("tiny", "init", "mapping.pt")
     assert not (tmp_path / "tiny").exists()  # only looked at, not created
-    (stage_dir("tiny", "init") / "mapping.pt").write_text("x")
-    assert require("tiny", "init", "mapping.pt") == tmp_path / "tiny" / STAGES["init"].folder
+    folder = stage_dir("tiny", "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        (folder / name).mkdir()
+        (folder / name / "tokenizer.json").write_text(name)
+    record(folder, "tokenizer", {})
+    assert require("tiny", "tokenizer") == tmp_path / "tiny" / STAGES["tokenizer"].folder
+
+
+def _fake_stages_1_and_2(tmp_path, monkeypatch):
+    """Stage 1's two tokenizer folders and stage 2's mapping, each recorded as its stage records it."""
+    from jpsdxl.core.runs import outputs_hash, record, stage_dir
+
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path))
+    one, two = stage_dir("tiny", "tokenizer"), stage_dir("tiny", "init")
+    for name in ("tokenizer", "tokenizer_2"):
+        (one / name).mkdir()
+        (one / name / "tokenizer.json").write_text(f"{name}: 8,000 pieces")
+    record(one, "tokenizer", {"data": "tatoeba"})
+    for name in ("mapping.pt", "mapping.tsv"):
+        (two / name).write_text("made from the 8,000 pieces")
+    record(two, "init", {"tokenizer": outputs_hash("tiny", "tokenizer")})
+    return one, two
+
+
+def test_an_output_made_from_another_predecessor_output_is_refused(tmp_path, monkeypatch):
+    """The stage contract: stage 2's mapping records the hash of the tokenizers it was made from; stage 1 run again
+    (other pieces), the mapping is refused in one line that says to run stage 2 again, until it does."""
+    from jpsdxl.core.runs import StaleStageOutput, outputs_hash, record, require
+
+    one, two = _fake_stages_1_and_2(tmp_path, monkeypatch)
+    assert require("tiny", "init") == two
+    (one / "tokenizer" / "tokenizer.json").write_text("tokenizer: 2,500 pieces")  # stage 1 again, other data
+    record(one, "tokenizer", {"data": "my.tsv"})
+    with pytest.raises(StaleStageOutput, match=r"made from other tokenizer outputs than .*01_tokenizer_alignment "
+                                               r"holds now: run `jpsdxl init --profile tiny`"):
+        require("tiny", "init")
+    record(two, "init", {"tokenizer": outputs_hash("tiny", "tokenizer")})  # stage 2 again
+    assert require("tiny", "init") == two
+
+
+def test_an_output_changed_after_its_stage_wrote_it_is_refused_and_a_mere_copy_is_not(tmp_path, monkeypatch):
+    """Files edited (or half copied) after the record: refused. The same bytes with new times (a copy to Drive
+    without its times): hashed again and accepted. No record at all (an older version, or by hand): refused."""
+    import os
+
+    from jpsdxl.core.runs import RECORD, StaleStageOutput, require
+
+    _, two = _fake_stages_1_and_2(tmp_path, monkeypatch)
+    os.utime(two / "mapping.pt", ns=(1, 1))
+    assert require("tiny", "init") == two
+    (two / "mapping.pt").write_text("edited by hand")
+    with pytest.raises(StaleStageOutput, match=r"outputs changed after the stage wrote them.*`jpsdxl init"):
+        require("tiny", "init")
+    (two / RECORD).unlink()
+    with pytest.raises(StaleStageOutput, match=r"no record of what its outputs were made from"):
+        require("tiny", "init")
 
 
 def test_the_notebooks_travel_with_an_installed_package():
@@ -228,3 +282,49 @@ def test_notebook_00s_map_finds_the_notebooks():
     rows = notebook_map()
     assert rows and all(row["available"] for row in rows)
     assert {row["notebook"] for row in rows} == {nb.stem for nb in notebooks(NOTEBOOK_DIR)}
+
+
+def test_one_place_holds_the_repositorys_address_and_one_command_moves_every_copy(tmp_path):
+    """pyproject.toml's [project.urls] Repository is the address; every notebook's badge and clone cell and the docs
+    name it; `make repository URL=...` (a fork) points them all at another, leaving no copy behind."""
+    import shutil
+    import subprocess
+    import sys
+
+    from jpsdxl.notebook.colab import addresses, repository
+
+    root = Path(__file__).resolve().parents[1]
+    mine = repository(root)
+    found = addresses(root)
+    assert {f"notebooks/{nb.name}" for nb in root.glob("notebooks/[0-9][0-9]_*.ipynb")} <= set(found)
+    assert all(names == {mine} for names in found.values()), found
+    copy = tmp_path / "fork"
+    copy.mkdir()
+    for part in ("pyproject.toml", "README.md", "Makefile", "jpsdxl", "notebooks", "docs"):
+        (shutil.copytree if (root / part).is_dir() else shutil.copy)(root / part, copy / part)
+    subprocess.run(["make", "-s", "repository", "URL=https://github.com/someone/jpsdxl-fork", f"PYTHON={sys.executable}"],
+                   cwd=copy, check=True, capture_output=True)
+    assert repository(copy) == "someone/jpsdxl-fork"
+    assert addresses(copy).keys() == found.keys()
+    assert all(names == {"someone/jpsdxl-fork"} for names in addresses(copy).values())
+
+
+def test_the_fingerprint_covers_the_zoo_build_a_profile_reads(tmp_path, monkeypatch):
+    """A notebook reads the zoo's build of tiny's models from the cache: a build rebuilt or edited there is another
+    input, so the notebook runs again (a cache keyed by content, such as the embeddings, needs no such entry)."""
+    import nbformat
+
+    from jpsdxl import runner
+    from jpsdxl.core.profiles import load_profile
+    from jpsdxl.core.zoo import cache_key
+
+    monkeypatch.setenv("JPSDXL_CACHE", str(tmp_path / "cache"))
+    nbformat.write(nbformat.v4.new_notebook(), tmp_path / "04_generation.ipynb")
+    build = tmp_path / "cache" / "zoo" / cache_key("shapes") / "base" / "unet"
+    build.mkdir(parents=True)
+    (build / "config.json").write_text("{}")
+    tiny = load_profile("tiny")
+    before = runner.fingerprint(tmp_path / "04_generation.ipynb", tiny, tmp_path)
+    assert runner.fingerprint(tmp_path / "04_generation.ipynb", tiny, tmp_path) == before
+    (build / "config.json").write_text('{"edited": true}')
+    assert runner.fingerprint(tmp_path / "04_generation.ipynb", tiny, tmp_path) != before

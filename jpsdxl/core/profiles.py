@@ -78,7 +78,6 @@ class TokenizerConfig:
     train_sentences: int = 100_000  # locally trained sentencepiece only
     character_coverage: float = 0.9995  # locally trained: share of characters the vocabulary must cover
     byte_fallback: bool = True  # locally trained: spell characters outside the vocabulary as UTF-8 bytes
-    max_length: int = 77  # SDXL's text context
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class DistillConfig:
     causal: bool = True  # False: a non-causal student (eager attention, every position sees every token)
     mixed_precision: Precision = "no"  # no | bf16 | fp16 (accelerate's autocast; weights stay float32)
     gradient_checkpointing: bool = False
-    optimizer: Optimizer = "adamw"  # adamw (fused on CUDA, foreach elsewhere) | adamw8bit (bitsandbytes, CUDA)
+    optimizer: Optimizer = "adamw"  # adamw (torch's fused kernel, GPU and CPU) | adamw8bit (bitsandbytes, CUDA)
     cache_teacher: bool = False  # keep teacher outputs in memory (small data); else computed on the fly
     shapes_share: float = 0.0  # share of training pairs drawn from the shapes world's training captions
     empty_share: float = 0.0  # share of training pairs that are ("", ""): the empty prompt guidance encodes
@@ -270,8 +269,7 @@ def _check_values(p: Profile, path: Path) -> None:
     for key, value, low in (("tokenizer.vocab_size", p.tokenizer.vocab_size, 100), ("generate.steps", p.generate.steps, 1),
                             ("generate.batch_size", p.generate.batch_size, 1),
                             ("generate.height", p.generate.height, 8), ("generate.width", p.generate.width, 8),
-                            ("tokenizer.train_sentences", p.tokenizer.train_sentences, 1),
-                            ("tokenizer.max_length", p.tokenizer.max_length, 3)):
+                            ("tokenizer.train_sentences", p.tokenizer.train_sentences, 1)):
         if value < low:
             bad(key, value, f"must be at least {low}")
     if p.data.max_pairs is not None and p.data.max_pairs < 1:

@@ -6,8 +6,9 @@ directory (from a source checkout's ``notebooks/`` folder: the checkout's ``runs
 Everything that is slow to make and safe to share between runs (downloaded data, the tiny model zoo, trained
 tokenizers) goes under the cache, ``$JPSDXL_CACHE`` or ``~/.cache/jpsdxl``.
 
-``STAGES`` is the one place that knows the stage folders: a stage reads its predecessor's outputs through
-``require``, which names the command that makes them when they are missing (one rule for every caller).
+``STAGES`` is the recipe's table (folder, command, inputs, outputs of each stage); a stage reads its predecessor's
+outputs only through ``require``, which checks them against the record their stage left (``stage.json``: content
+hashes of the outputs and of what they were made from) and names the command to run when they are missing or stale.
 
 Writes are atomic: a file or folder is written next to its destination and renamed into place, so an
 interrupted run never leaves a half-written artefact that a later run would trust. Long work checks first that it
@@ -18,6 +19,7 @@ This file is not the notebook runner (see ``runner.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,26 +73,49 @@ def runs_dir(profile: str, notebook: str | None = None, root: str | Path | None 
 
 
 # -----------------------------------------------------------------------------
-# the recipe's stages: where each writes, and what makes it
+# the recipe's stages: one row each. The CLI's stage commands, the runner's notebook order, the "run this first"
+# messages and the stage contract below all read this table: a new stage is a module with a ``run`` and a row here.
 
 
 class Stage(NamedTuple):
-    folder: str  # under runs/<profile>/: also the notebook's name
-    command: str  # the CLI sub-command that makes the stage's outputs
-    outputs: tuple[str, ...] = ()  # what its notebook leaves besides metrics.json: a run is reused only with all of it
+    folder: str  # runs/<profile>/<folder>/ holds its outputs; notebooks/<folder>.ipynb teaches it
+    command: str | None  # `jpsdxl <command>` runs it (None: only its notebook)
+    run: str | None  # "module:function" the command calls, with the profile as its first argument
+    help: str  # one line for `jpsdxl --help`
+    inputs: tuple[str, ...] = ()  # the stages whose outputs it reads
+    outputs: tuple[str, ...] = ()  # what it leaves for later stages (besides metrics.json): the stage contract
 
+    def how(self, profile: str) -> str:
+        """The command that makes this stage's outputs, for a "run this first" message."""
+        command = f"jpsdxl {self.command}" if self.command else f"jpsdxl run --only {self.folder[:2]}"
+        return f"`{command} --profile {profile}` (or notebook {self.folder})"
+
+
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what the Japanese SDXL swaps in
 
 STAGES = {
-    "overview": Stage("00_overview", "run --only 00"),
-    "tokenizer": Stage("01_tokenizer_alignment", "tokenizer"),
-    "init": Stage("02_embedding_init", "init", ("mapping.pt", "mapping.tsv")),
-    "distill": Stage("03_distillation", "distill", ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
-    "generate": Stage("04_generation", "generate", ("judged.png",)),
+    "overview": Stage("00_overview", None, None, "the recipe, the profiles, this machine"),
+    "tokenizer": Stage("01_tokenizer_alignment", "tokenizer", "jpsdxl.tokenization:run",
+                       "stage 1: train the Japanese tokenizer and save both tokenizers with SDXL's conventions",
+                       (), ("tokenizer", "tokenizer_2")),
+    "init": Stage("02_embedding_init", "init", "jpsdxl.embedding_init:run",
+                  "stage 2: map every Japanese piece to its most similar English CLIP tokens (mapping.pt, .tsv)",
+                  ("tokenizer",), ("mapping.pt", "mapping.tsv")),
+    "distill": Stage("03_distillation", "distill", "jpsdxl.distillation:run",
+                     "stage 3: train the Japanese text encoders; resumes from the newest checkpoint unless --fresh",
+                     ("tokenizer", "init"), TEXT_PARTS),
+    "generate": Stage("04_generation", "generate", "jpsdxl.generation:run",
+                      "stage 4: draw from Japanese prompts, base then refiner, as the SD-XL 1.0-jp card does",
+                      ("distill",), ("judged.png",)),
 }
 
 
 class StageOutputMissing(FileNotFoundError):
     """A stage's input, written by an earlier stage, is not there; the message says what to run."""
+
+
+class StaleStageOutput(ValueError):
+    """A stage's outputs no longer match what they were made from (or were changed after they were written)."""
 
 
 def stage_dir(profile, stage: str, create: bool = True) -> Path:
@@ -116,15 +141,80 @@ def refuse_link(folder: str | Path) -> Path:
     return folder
 
 
+# -----------------------------------------------------------------------------
+# the stage contract: each stage's folder records what its outputs were made from (``stage.json``), and a stage reads
+# its predecessor's outputs only through ``require``, which checks that record against what is there now
+
+
+RECORD = "stage.json"
+
+
+def _files(folder: Path, names) -> list[Path]:
+    return sorted(f for n in names for f in ([folder / n] if (folder / n).is_file() else (folder / n).rglob("*"))
+                  if f.is_file())
+
+
+def file_listing(folder: Path, names) -> dict[str, list[int]]:
+    return {f.relative_to(folder).as_posix(): [f.stat().st_size, f.stat().st_mtime_ns] for f in _files(folder, names)}
+
+
+def content_hash(folder: str | Path, names) -> str:
+    """sha256 of the named files and folders under ``folder``: each file's path and bytes, in a fixed order."""
+    folder, h = Path(folder), hashlib.sha256()
+    for f in _files(folder, names):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+        with open(f, "rb") as stream:
+            while block := stream.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def record(folder: str | Path, stage: str, made_from: dict[str, Any]) -> dict:
+    """Write ``folder/stage.json`` once the stage's outputs are there: the content hash of those outputs (with each
+    file's size and time, so a reader hashes again only what changed) and what they were ``made_from``: the output
+    hash of each earlier stage it read, under that stage's name (``require`` checks these), and any other input."""
+    folder = Path(folder)
+    names = STAGES[stage].outputs
+    entry = {"stage": stage, "made_from": made_from, "outputs": content_hash(folder, names),
+             "files": file_listing(folder, names)}
+    write_json(folder / RECORD, entry)
+    return entry
+
+
+def _recorded(folder: Path, stage: str, profile: str) -> dict:
+    """The folder's record, checked to describe the outputs there now."""
+    s = STAGES[stage]
+    path = folder / RECORD
+    entry = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if entry is None or entry.get("stage") != stage:
+        raise StaleStageOutput(f"{folder} has no record of what its outputs were made from ({RECORD}; written by "
+                               f"another version, or by hand): run {s.how(profile)} again")
+    if file_listing(folder, s.outputs) != entry["files"] and content_hash(folder, s.outputs) != entry["outputs"]:
+        raise StaleStageOutput(f"{folder}: its outputs changed after the stage wrote them (edited or partly copied): "
+                               f"run {s.how(profile)} again")
+    return entry
+
+
+def outputs_hash(profile, stage: str) -> str:
+    """The content hash of ``stage``'s outputs as ``require`` found them: what a later stage records it read."""
+    return _recorded(require(profile, stage), stage, getattr(profile, "name", profile))["outputs"]
+
+
 def require(profile, stage: str, *names: str) -> Path:
-    """The folder of ``stage``'s outputs, checked to hold ``names``; else one error naming what to run."""
+    """The folder of ``stage``'s outputs, checked: ``names`` (default: all it declares) are there, they are what the
+    stage recorded, and every earlier stage they were made from still holds the same outputs. Else one error naming
+    what to run."""
+    name, s = getattr(profile, "name", profile), STAGES[stage]
     folder = stage_dir(profile, stage, create=False)
-    missing = [n for n in names if not (folder / n).exists()]
+    missing = [n for n in names or s.outputs if not (folder / n).exists()]
     if missing:
-        name, s = getattr(profile, "name", profile), STAGES[stage]
-        raise StageOutputMissing(
-            f"{folder} lacks {', '.join(missing)}: run `jpsdxl {s.command} --profile {name}` (or notebook "
-            f"{s.folder}) first.")
+        raise StageOutputMissing(f"{folder} lacks {', '.join(missing)}: run {s.how(name)} first.")
+    entry = _recorded(folder, stage, name)
+    for earlier, made_from in entry["made_from"].items():
+        if earlier in STAGES and made_from != outputs_hash(profile, earlier):
+            raise StaleStageOutput(
+                f"{folder} was made from other {earlier} outputs than {stage_dir(profile, earlier, create=False)} "
+                f"holds now: run {s.how(name)} again")
     return folder
 
 

@@ -9,8 +9,15 @@ stays as it is. With Google Drive, every stage's outputs survive the runtime, so
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+# where the repository's address appears besides pyproject.toml's [project.urls]: badges, clone cells, docs
+ADDRESS = re.compile(r"(?<=github\.com/)[\w.-]+/[\w.-]+?(?=\.git\b|/blob/|\)|\s|\"|$)|"
+                     r"(?<=colab\.research\.google\.com/github/)[\w.-]+/[\w.-]+?(?=/blob/)")
+COPIES = ("notebooks/*.ipynb", "docs/*.md", "README.md")
 
 
 def install_command(repo: str) -> list[str]:
@@ -29,3 +36,46 @@ def setup(repo: str = "/content/jpsdxl", drive: bool = True, runs: str = "/conte
     where = os.environ.get("JPSDXL_RUNS", "runs/ in this runtime (lost with it)")
     print(f"jpsdxl installed; stage outputs go to {where}")
     return where
+
+
+def repository(root: str | Path) -> str:
+    """``owner/name`` of the repository, from the checkout's pyproject.toml (``[project.urls] Repository``)."""
+    import tomllib
+
+    url = tomllib.loads((Path(root) / "pyproject.toml").read_text(encoding="utf-8"))["project"]["urls"]["Repository"]
+    return url.removeprefix("https://github.com/").strip("/")
+
+
+def addresses(root: str | Path) -> dict[str, set[str]]:
+    """Every GitHub ``owner/name`` each copy names (the Colab badges, the clone cells, the docs): file -> names."""
+    found = {}
+    for pattern in COPIES:
+        for path in sorted(Path(root).glob(pattern)):
+            names = {m.group(0) for m in ADDRESS.finditer(path.read_text(encoding="utf-8"))}
+            if names:
+                found[str(path.relative_to(root))] = names
+    return found
+
+
+def set_repository(root: str | Path, url: str) -> list[str]:
+    """Point pyproject.toml and every copy at ``url`` (``https://github.com/<owner>/<name>``): what a fork runs once
+    (``make repository URL=...``). Returns the files changed."""
+    new = url.removeprefix("https://github.com/").strip("/")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", new):
+        raise ValueError(f"URL={url}: give https://github.com/<owner>/<name>")
+    root, old = Path(root), repository(root)
+    changed = []
+    for path in [root / "pyproject.toml", *(p for pattern in COPIES for p in sorted(root.glob(pattern)))]:
+        text = path.read_text(encoding="utf-8")
+        if path.name == "pyproject.toml":
+            edited = text.replace(f'Repository = "https://github.com/{old}"', f'Repository = "https://github.com/{new}"')
+        else:
+            edited = ADDRESS.sub(lambda m: new if m.group(0) == old else m.group(0), text)
+        if edited != text:
+            path.write_text(edited, encoding="utf-8")
+            changed.append(str(path.relative_to(root)))
+    return changed
+
+
+if __name__ == "__main__":  # make repository URL=...
+    print("\n".join(set_repository(Path.cwd(), sys.argv[1])))

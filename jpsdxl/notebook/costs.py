@@ -107,7 +107,7 @@ def stage_budgets(profile, recipe: str = "sdxl") -> list[dict]:
     """Peak GPU and host memory (GiB) of stages 02-04 on ``profile``'s settings at SDXL 1.0's shapes, from parameter
     counts: bytes per parameter x parameters resident, plus the students' activations (not a 1024² image's).
     **Estimates**: a card's measured peak replaces them (docs/results.md says which). Stage 04 holds one UNet pair
-    shared by every compared model, the English text encoders and one Japanese pair (``assembly.compared_models``),
+    shared by every compared model, the English text encoders and one Japanese pair (``generation.compared_models``),
     placed as ``generate.offload`` says."""
     from ..core.zoo import RECIPES
     from ..notebook.overview import recipe_parameter_counts
