@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "<cache>/standin-hub); never a real Hugging Face cache")
     reh.add_argument("--build-hub", action="store_true", help="only write the stand-in hub, then print its folder")
     reh.add_argument("--profiles", nargs="*", default=["rehearse-full", "rehearse-colab"])
-    reh.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 03 04")
+    reh.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 03 04 (then not the all-stages one)")
     reh.add_argument("--runs", default=None, help="output root (default: <repo>/runs)")
     prep = sub.add_parser("prepare", help="fetch data and models, build the zoo, the Japanese tokenizer and stage 2's "
                                           "mapping: everything slow that the notebooks would do on first use")
@@ -160,8 +160,9 @@ def _rehearse(args) -> int:
     hub = Path(args.hub).expanduser().resolve() if args.hub else cache_dir() / "standin-hub"
     # before anything reads huggingface_hub's constants: every hub id resolves in the stand-in, and only there
     os.environ.update(HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    from .core.runs import runs_root
     from .rehearsal import build_hub
-    from .runner import NotebookFailed, run_notebooks
+    from .runner import NotebookFailed, run_all_stages, run_notebooks
 
     print(f"stand-in hub: {build_hub(hub)}", flush=True)
     if args.build_hub:
@@ -181,6 +182,17 @@ def _rehearse(args) -> int:
             print(f"error: {profile}: links in the runs folder, which Google Drive refuses: {links[:3]}",
                   file=sys.stderr)
             return 1
+    if args.only is None:  # Colab's all-stages notebook, twice on one fresh runs folder: the second repeats nothing
+        profile = args.profiles[-1]
+        root = Path(args.runs or runs_root()) / "all-stages"
+        try:
+            rows = run_all_stages(profile, root)
+        except NotebookFailed as e:
+            print(f"error: {profile}: {e}", file=sys.stderr)
+            return 1
+        for row in rows:
+            print(f"{profile:16} {'colab_all_stages #' + str(row['run']):24} {row['seconds']:7.1f} s  peak "
+                  f"{row['peak_rss_mb']} MB  stages run {row['ran'] or 'none'}, models drawn {row['drawn'] or 'none'}")
     return 0
 
 

@@ -582,3 +582,50 @@ def pair_stream(corpus, extra: list, extra_share: float, seed: int, start: int =
                 raise ValueError("the training split is empty: check data.pairs and the split fractions")
 
     return islice(forever(), start, None)
+
+
+# -----------------------------------------------------------------------------
+# the evaluation prompts: real Japanese prompts with their English, which stage 4 draws and nothing trains on
+
+
+EVAL_KINDS = ("animals", "food", "people", "places", "objects", "art styles", "scenes", "colours",
+              "counts and positions", "Japan")
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    kind: str  # one of EVAL_KINDS
+    ja: str
+    en: str
+    demo: bool  # one of the few that make the demo grid
+
+
+def eval_prompts_file() -> Path:
+    """``data/eval_prompts.tsv`` in a checkout; in an installed package the copy shipped inside it."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "data" / "eval_prompts.tsv"
+    return checkout if checkout.is_file() else package / "evaldata" / "eval_prompts.tsv"
+
+
+def eval_prompts(path: str | Path | None = None) -> list[EvalPrompt]:
+    """The evaluation prompts (``kind<TAB>ja<TAB>en<TAB>demo``, ``#`` comments, a header), NFKC-normalised and
+    checked: every field there, every kind known, no prompt twice. A bad row is an error naming its line."""
+    path = Path(path) if path else eval_prompts_file()
+    rows, problems, seen = [], [], set()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#") or line.startswith("kind\t"):
+            continue
+        kind, ja, en, demo = ([normalize_text(f) for f in line.split("\t")] + ["", "", ""])[:4]
+        if len(line.split("\t")) not in (3, 4) or not (kind and ja and en) or demo not in ("", "demo"):
+            problems.append(f"line {number}: expected kind, Japanese, English and an optional 'demo', tab-separated")
+        elif kind not in EVAL_KINDS:
+            problems.append(f"line {number}: kind {kind!r} is none of {', '.join(EVAL_KINDS)}")
+        elif ja in seen or en in seen:
+            problems.append(f"line {number}: {ja if ja in seen else en!r} is there twice")
+        else:
+            seen |= {ja, en}
+            rows.append(EvalPrompt(kind, ja, en, demo == "demo"))
+    if problems:
+        raise DataError(f"{path}: {len(problems)} bad row(s): " + "; ".join(problems[:5]))
+    return rows

@@ -259,3 +259,48 @@ def write_summary(path: Path, profile: str, rows: list[dict]) -> dict:
                "notebooks": notebooks_, "cache": os.environ.get("JPSDXL_CACHE", "~/.cache/jpsdxl")}
     write_json(path, summary)
     return summary
+
+
+ALL_STAGES = "colab_all_stages"  # the all-stages notebook: Colab's one-notebook path, not part of `jpsdxl run`
+
+
+def run_all_stages(profile: str, runs_root: str | Path, times: int = 2,
+                   notebook_dir: str | Path = NOTEBOOK_DIR) -> list[dict]:
+    """Execute the all-stages notebook ``times`` times on one runs folder (``runs_root``, emptied first), as a Colab
+    learner whose runtime was cut off runs it again: the first run makes every stage's outputs, every later one must
+    repeat no stage and draw no image (``metrics.json``: ``ran`` and ``drawn`` empty). Returns each run's seconds,
+    kernel peak memory and metrics; a later run that repeated work is a ``NotebookFailed``."""
+    import papermill
+
+    from .core.runs import refuse_link
+
+    loaded = load_profile(profile)
+    root = refuse_link(Path(_caller_path(runs_root)))
+    if (root / loaded.name).is_dir():  # a fresh start: the first run must make every output
+        import shutil
+
+        shutil.rmtree(refuse_link(root / loaded.name))
+    notebook, out = Path(notebook_dir) / f"{ALL_STAGES}.ipynb", runs_dir(loaded.name, ALL_STAGES, root)
+    previous, os.environ["JPSDXL_RUNS"] = os.environ.get("JPSDXL_RUNS"), str(root)
+    rows = []
+    try:
+        for attempt in range(1, times + 1):
+            executed, start = out / f"{ALL_STAGES}-{attempt}.ipynb", time.perf_counter()
+            try:
+                with PeakMemory() as peak:
+                    papermill.execute_notebook(str(notebook), str(executed), cwd=str(notebook.parent),
+                                               parameters={"profile": str(profile), "run_dir": str(out)},
+                                               progress_bar=False, kernel_name="python3",
+                                               extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            except papermill.PapermillExecutionError as e:
+                raise NotebookFailed(f"{notebook.name} (run {attempt}) failed in cell {e.exec_count}: {e.ename}: "
+                                     f"{e.evalue}\nThe executed copy with the traceback: {executed}") from None
+            metrics = load_metrics(out)
+            rows.append({"run": attempt, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak.mb,
+                         "ran": metrics["ran"], "drawn": metrics["drawn"], "metrics": metrics})
+            if attempt > 1 and (metrics["ran"] or metrics["drawn"]):
+                raise NotebookFailed(f"{notebook.name} run {attempt} repeated work whose outputs were current: "
+                                     f"stages {metrics['ran']}, models drawn {metrics['drawn']} ({executed})")
+    finally:
+        os.environ.pop("JPSDXL_RUNS") if previous is None else os.environ.update(JPSDXL_RUNS=previous)
+    return rows

@@ -192,3 +192,19 @@ def test_hf_data_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(data.DataError, match="hf:someone/no-such-pairs is not available.*local copy"):
         next(data.iter_pairs_datasets("someone/no-such-pairs"))
+
+
+def test_the_evaluation_prompts_are_complete_known_and_each_there_once(tmp_path):
+    """data/eval_prompts.tsv: about a hundred prompts, every kind represented, each Japanese and English prompt once,
+    a handful for the demo grid; a bad row is refused with its line number."""
+    prompts = data.eval_prompts()
+    assert 90 <= len(prompts) <= 120
+    assert {p.kind for p in prompts} == set(data.EVAL_KINDS)
+    assert len({p.ja for p in prompts}) == len({p.en for p in prompts}) == len(prompts)
+    assert 4 <= sum(p.demo for p in prompts) <= 8 and prompts[0].ja == "かわいすぎる子猫"
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("# comment\nkind\tja\ten\tdemo\nanimals\t猫\ta cat\nfood\t猫\ta cat again\nweather\t雨\train\n"
+                   "animals\t犬\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"3 bad row\(s\): line 4: '猫' is there twice; line 5: kind 'weather' "
+                                             r"is none of .*; line 6: expected kind, Japanese, English"):
+        data.eval_prompts(bad)

@@ -201,3 +201,37 @@ def test_text_encoders_swapped_in_draw_what_the_plain_placement_draws(tiny):
     a = generation.generate(tiny, *plain, ["a red circle", "a blue square"], output_type="latent")[0]
     b = generation.generate(swapping, *swapped, ["a red circle", "a blue square"], output_type="latent")[0]
     assert torch.equal(a, b)
+
+
+def test_the_evaluation_sample_takes_the_demo_grid_first_then_every_kind_in_turn():
+    from jpsdxl.data import EVAL_KINDS, eval_prompts
+    from jpsdxl.notebook.measure import eval_sample
+
+    prompts = eval_prompts()
+    demo = [p for p in prompts if p.demo]
+    ten = eval_sample(prompts, len(demo) + len(EVAL_KINDS))
+    assert ten[:len(demo)] == demo and {p.kind for p in ten[len(demo):]} == set(EVAL_KINDS)
+    assert eval_sample(prompts, 3) == demo[:3] and sorted(eval_sample(prompts, 1000), key=prompts.index) == prompts
+
+
+def test_the_clip_ratio_is_a_ratio_of_means_with_a_paired_bootstrap_interval():
+    """A model scoring 80 % of the English model on every prompt: ratio 0.8, a tight interval that holds it. Scores
+    that only agree on average: the same ratio, a wide interval; per kind, each kind's own prompts."""
+    from types import SimpleNamespace
+
+    from jpsdxl.notebook.measure import bootstrap_ratio, clip_ratios
+
+    rng = np.random.default_rng(0)
+    english = rng.uniform(20, 35, 40)
+    tight = bootstrap_ratio(0.8 * english, english)
+    assert tight["ratio"] == pytest.approx(0.8) and tight["low"] == pytest.approx(0.8) == tight["high"]
+    noisy = 0.8 * english * rng.uniform(0.5, 1.5, 40)
+    wide = bootstrap_ratio(noisy, english)
+    assert wide["low"] < wide["ratio"] < wide["high"] and wide["high"] - wide["low"] > 0.1
+    assert wide["ratio"] == pytest.approx(noisy.mean() / english.mean()) and wide["n"] == 40
+    prompts = [SimpleNamespace(kind="animals" if i < 10 else "food") for i in range(40)]
+    half = np.where(np.arange(40) < 10, 0.5, 1.0) * english
+    ratios = clip_ratios({"prompts": prompts, "scores": {"English (original)": english, "distilled": half}})
+    assert list(ratios) == ["distilled"] and list(ratios["distilled"]) == ["all", "animals", "food"]
+    assert ratios["distilled"]["animals"]["ratio"] == pytest.approx(0.5)
+    assert ratios["distilled"]["food"]["ratio"] == pytest.approx(1.0) and ratios["distilled"]["animals"]["n"] == 10

@@ -45,6 +45,21 @@ def test_committed_notebooks_are_clean_and_well_formed():
         assert "What to check" in last and "Exercise" in last
 
 
+def test_the_all_stages_notebook_is_clean_and_well_formed():
+    """Colab's one notebook (executed by `make rehearse`, twice): no outputs, one parameters cell, the opening and
+    closing every notebook has, and each stage run through `run_stage`, so that a second run repeats nothing."""
+    nb = nbformat.read(NOTEBOOK_DIR / "colab_all_stages.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
+    first, last = nb.cells[0].source, nb.cells[-1].source
+    assert "What you will learn" in first and "How long it takes" in first and "概要" in first
+    assert "What to check" in last and "Exercise" in last
+    text = "\n".join(c.source for c in code)
+    assert all(f'run_stage(P, "{stage}"' in text for stage in ("tokenizer", "init", "distill"))
+
+
 def _within(value: float, best: float, tolerance: float = 0.03) -> bool:
     """``value`` is at least as good as ``best`` up to a relative ``tolerance`` (for "X ends first" claims)."""
     return value <= best * (1 + tolerance) if best >= 0 else value <= best * (1 - tolerance)

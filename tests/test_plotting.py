@@ -53,3 +53,24 @@ def test_training_curves_draw_the_seeds_mean_and_shade_their_range():
     assert len(ax.collections) == 1 and min(band) == 0.3 and max(band) == 1.0 and 0.6 in band
     assert ax.get_legend_handles_labels()[1] == ["one", "three (mean of 3 seeds)"]
     plt.close(fig)
+
+
+def test_the_demo_grid_has_a_row_per_model_and_a_column_per_demo_prompt():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from jpsdxl.notebook.plotting import demo_grid
+
+    use_japanese_font()
+    prompts = [SimpleNamespace(ja="猫", en="a cat", demo=True), SimpleNamespace(ja="犬", en="a dog", demo=False),
+               SimpleNamespace(ja="鳥居", en="a torii", demo=True)]
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph (a tofu box) is a warning: an error here
+        fig = demo_grid({"prompts": prompts, "demo": {"English (original)": images, "distilled": images}})
+        fig.canvas.draw()
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 4 and titles == ["English (original)\na cat", "English (original)\na torii",
+                                             "distilled\n猫", "distilled\n鳥居"]
+    plt.close(fig)

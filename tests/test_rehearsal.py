@@ -127,3 +127,28 @@ def test_colab_settings_fit_a_t4_by_estimate_and_fulls_do_not():
     swapped = {r["stage"]: r for r in stage_budgets(colab)}["04 generate"]
     offloaded = {r["stage"]: r for r in stage_budgets(derive(colab, generate={"offload": "model"}))}["04 generate"]
     assert swapped["GPU GiB"] < 14.7 and swapped["host GiB"] < 11.8 < offloaded["host GiB"]
+
+
+def test_time_estimates_count_the_flops_of_what_each_stage_runs():
+    """Stage 4's FLOPs per image at SDXL 1.0's shapes (counted on the meta device): one base UNet call at 1024² is
+    several TFLOP; guidance doubles the UNet calls, the steps scale them, a 512² image costs about a quarter. Stage
+    3's minutes scale with its steps; stage 4's with the prompts drawn."""
+    from jpsdxl.core.profiles import derive, load_profile
+    from jpsdxl.notebook.costs import generation_flops_per_image, stage_times
+
+    colab = load_profile("colab")
+    one = derive(colab, generate={"steps": 1, "guidance_scale": 1.0, "high_noise_frac": 0.5})
+    two = derive(colab, generate={"steps": 2, "guidance_scale": 1.0, "high_noise_frac": 0.5})
+    guided = derive(colab, generate={"steps": 2, "guidance_scale": 7.5, "high_noise_frac": 0.5})
+    small = derive(colab, generate={"steps": 2, "guidance_scale": 1.0, "high_noise_frac": 0.5, "height": 512,
+                                    "width": 512})
+    per_step = generation_flops_per_image(two) - generation_flops_per_image(one)  # a base or refiner call
+    assert 5e12 < per_step < 9e12
+    unets = generation_flops_per_image(two) - (generation_flops_per_image(one) - per_step)
+    assert generation_flops_per_image(guided) - generation_flops_per_image(two) == pytest.approx(unets, rel=0.05)
+    assert 0.2 < generation_flops_per_image(small) / generation_flops_per_image(two) < 0.3
+    base = stage_times(colab, "Tesla T4")
+    more = stage_times(derive(colab, distill={"steps": 4 * colab.distill.steps},
+                              generate={"eval_prompts": 2 * colab.generate.eval_prompts}), "Tesla T4")
+    assert more[0]["minutes (estimate)"] == pytest.approx(4 * base[0]["minutes (estimate)"], abs=2)
+    assert more[1]["minutes (estimate)"] == pytest.approx(2 * base[1]["minutes (estimate)"], abs=2)

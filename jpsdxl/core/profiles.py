@@ -142,6 +142,7 @@ class GenerateConfig:
     batch_size: int = 4  # images per pipeline call, everywhere stage 4 draws many (memory grows with it at 1024²)
     offload: Offload = "none"  # none | text_encoders (UNets and VAE stay on the device, text encoders swapped in to
     #                            encode: colab) | model (diffusers' model CPU offload: host RAM holds everything)
+    eval_prompts: int = 100  # real prompts stage 4 draws per model (data/eval_prompts.tsv; the demo grid's first)
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ def _check_values(p: Profile, path: Path) -> None:
         bad("data.valid_fraction + test_fraction", p.data.valid_fraction + p.data.test_fraction, "leaves no training data")
     for key, value, low in (("tokenizer.vocab_size", p.tokenizer.vocab_size, 100), ("generate.steps", p.generate.steps, 1),
                             ("generate.batch_size", p.generate.batch_size, 1),
+                            ("generate.eval_prompts", p.generate.eval_prompts, 1),
                             ("generate.height", p.generate.height, 8), ("generate.width", p.generate.width, 8),
                             ("tokenizer.train_sentences", p.tokenizer.train_sentences, 1)):
         if value < low:

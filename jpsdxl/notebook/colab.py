@@ -1,4 +1,5 @@
-"""Colab's setup, in one place: install the tutorial into Colab's own Python and keep ``runs/`` on Google Drive.
+"""Colab's setup, in one place: install the tutorial into Colab's own Python and keep ``runs/`` on Google Drive;
+run each stage unless its outputs are current (the all-stages notebook); the repository's address in its copies.
 
 Each notebook's first code cell clones the repository on Colab and calls ``setup()``; on any other machine it does
 nothing (``make tutorial`` installs there). Only the core and the ``gpu`` extra are installed: Colab's own Jupyter
@@ -36,6 +37,24 @@ def setup(repo: str = "/content/jpsdxl", drive: bool = True, runs: str = "/conte
     where = os.environ.get("JPSDXL_RUNS", "runs/ in this runtime (lost with it)")
     print(f"jpsdxl installed; stage outputs go to {where}")
     return where
+
+
+def run_stage(profile, stage: str, **options) -> bool:
+    """Stage ``stage`` of the table (``runs.STAGES``) by its ``run``, unless ``runs.require`` accepts the outputs
+    already in its folder (made from what is there now): then they are kept and nothing is repeated. Returns whether
+    it ran. A stage cut off midway runs again: ``distill`` continues from its newest checkpoint (``distill.resume``)."""
+    import importlib
+
+    from ..core.runs import STAGES, StageOutputMissing, StaleStageOutput, require
+
+    try:
+        print(f"{stage}: current, kept ({require(profile, stage)})")
+        return False
+    except (StageOutputMissing, StaleStageOutput) as why:
+        print(f"{stage}: running ({str(why).split(': run ')[0]})")
+    module, _, function = STAGES[stage].run.partition(":")
+    getattr(importlib.import_module(module), function)(profile, **options)
+    return True
 
 
 def repository(root: str | Path) -> str:

@@ -6,6 +6,7 @@ GPU, saved in ``benchmarks/results/``); every hour figure derived from one is an
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -53,12 +54,18 @@ def estimated_rows(flops_per_pair: float, utilisation: float = 0.4, pairs: int =
             for card in cards]
 
 
-def recipe_flops_per_pair(recipe: str = "sdxl") -> dict:
-    """``training_flops_per_sample`` for a zoo recipe's text encoders, built on the meta device (no memory)."""
+@functools.lru_cache(maxsize=2)
+def meta_components(recipe: str = "sdxl") -> dict:
+    """A zoo recipe's models built on the meta device: shapes without memory or weights (a few seconds, once)."""
     from ..core.zoo import build_components
 
     with torch.device("meta"):
-        parts = build_components(recipe, scheduler=False)
+        return build_components(recipe, scheduler=False)
+
+
+def recipe_flops_per_pair(recipe: str = "sdxl") -> dict:
+    """``training_flops_per_sample`` for a zoo recipe's text encoders."""
+    parts = meta_components(recipe)
     return training_flops_per_sample(parts["text_encoder"], parts["text_encoder_2"])
 
 
@@ -139,3 +146,56 @@ def stage_budgets(profile, recipe: str = "sdxl") -> list[dict]:
          "GPU GiB": gpu_04 / gib, "host GiB": host_04 / gib},
     ]
     return [{**r, "GPU GiB": round(r["GPU GiB"], 1), "host GiB": round(r["host GiB"], 1)} for r in rows]
+
+
+# -----------------------------------------------------------------------------
+# time per stage and card: estimates from FLOP counts, until a card has run the stage
+
+
+@functools.lru_cache(maxsize=8)
+def _call_flops(recipe: str, height: int, width: int) -> tuple[int, int, int]:
+    """FLOPs of one base UNet call, one refiner UNet call and one VAE decode of a ``height`` x ``width`` image,
+    counted by torch's ``FlopCounterMode`` on the meta device (no memory, no weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parts, counts = meta_components(recipe), []
+    with torch.device("meta"):
+        latent = torch.zeros(1, 4, height // 8, width // 8)
+        for name in ("unet_base", "unet_refiner"):
+            unet = parts[name]
+            time_ids = (unet.config.projection_class_embeddings_input_dim - 1280) // unet.config.addition_time_embed_dim
+            with FlopCounterMode(display=False) as count:
+                unet(latent, torch.zeros(1), encoder_hidden_states=torch.zeros(1, 77, unet.config.cross_attention_dim),
+                     added_cond_kwargs={"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, time_ids)})
+            counts.append(count.get_total_flops())
+        with FlopCounterMode(display=False) as count:
+            parts["vae"].decode(latent)
+    return counts[0], counts[1], count.get_total_flops()
+
+
+def generation_flops_per_image(profile, recipe: str = "sdxl") -> float:
+    """Model FLOPs of one two-stage image at ``profile``'s size, steps, guidance and hand-off: the base UNet for
+    ``high_noise_frac`` of the steps, the refiner for the rest, each call twice under classifier-free guidance, then
+    the VAE's decoder."""
+    g = profile.generate
+    base, refiner, vae = _call_flops(recipe, g.height, g.width)
+    guided = 2 if g.guidance_scale > 1 else 1
+    base_steps = round(g.steps * g.high_noise_frac)
+    return guided * (base_steps * base + (g.steps - base_steps) * refiner) + vae
+
+
+def stage_times(profile, card: str, utilisation: float = 0.4, recipe: str = "sdxl", models: int = 4) -> list[dict]:
+    """Minutes of stages 03 and 04 on ``card`` at ``utilisation`` of its peak (``PEAK_TFLOPS``), at SDXL 1.0's shapes
+    and ``profile``'s settings: 03 trains ``distill.steps`` x ``batch_size`` pairs (the students' forward twice under
+    gradient checkpointing), 04 draws ``generate.eval_prompts`` images for each of ``models`` compared models.
+    **Estimates** from FLOP counts, until a card has run the stage."""
+    parts = meta_components(recipe)
+    d, rate = profile.distill, peak_tflops(card) * 1e12 * utilisation
+    pair = training_flops_per_sample(parts["text_encoder"], parts["text_encoder_2"],
+                                     recompute=d.gradient_checkpointing)["hardware_flops_per_pair"]
+    images = profile.generate.eval_prompts * models
+    return [{"stage": "03 distill", "work": f"{d.steps:,} steps x {d.batch_size} pairs",
+             "minutes (estimate)": round(d.steps * d.batch_size * pair / rate / 60)},
+            {"stage": "04 generate", "work": f"{images} images ({models} models x {profile.generate.eval_prompts} "
+                                             f"prompts), {profile.generate.steps} steps",
+             "minutes (estimate)": round(images * generation_flops_per_image(profile, recipe) / rate / 60)}]

@@ -7,6 +7,8 @@ Measurement only: the pipelines themselves are stage 4's (``generation.py``), th
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -159,6 +161,114 @@ def clip_scores(profile, images_by_model: dict, prompts) -> dict:
     return {name: float(clip_score(images.reshape(-1, *images.shape[2:]), list(prompts) * images.shape[0], clip).mean())
             for name, images in images_by_model.items()}
 
+
+
+# -----------------------------------------------------------------------------
+# real prompts: each image's CLIP score against the English prompt, as a ratio to the English model's
+
+
+REAL_PROMPT_MODELS = ("English (original)", "init only (similarity)", "distilled", "SD-XL 1.0-jp (published)")
+
+
+def eval_sample(prompts: list, n: int) -> list:
+    """``n`` of the evaluation prompts: the demo grid's first, then one of each kind in turn (every kind early)."""
+    demo, rest = [p for p in prompts if p.demo], [p for p in prompts if not p.demo]
+    kinds = list(dict.fromkeys(p.kind for p in rest))
+    by_kind = {k: [p for p in rest if p.kind == k] for k in kinds}
+    turns = [group[i] for i in range(max(map(len, by_kind.values()), default=0)) for group in by_kind.values()
+             if i < len(group)]
+    return (demo + turns)[:n]
+
+
+def clip_per_image(profile, images: np.ndarray, prompts: list[str], clip: tuple) -> np.ndarray:
+    """``[n]`` CLIP scores (``clip_score``) of ``images`` against ``prompts``, in batches of ``generate.batch_size``."""
+    size = profile.generate.batch_size
+    return np.concatenate([clip_score(images[i:i + size], prompts[i:i + size], clip).numpy()
+                           for i in range(0, len(prompts), size)])
+
+
+def real_prompts(profile, models: dict, folder, prompts: list | None = None) -> dict:
+    """Each of ``REAL_PROMPT_MODELS`` that ``models`` (``generation.compared_models``) holds draws
+    ``generate.eval_prompts`` evaluation prompts at the profile's settings (the English model the English, the others
+    the Japanese), and each image gets its CLIP score against the English prompt. Each model's scores and demo images
+    are saved in ``folder`` as it finishes (a cut-off runtime continues at the next model) and reused while the
+    prompts, settings and stage outputs they were made from are the same. Returns {"prompts", "scores": {model:
+    [n]}, "demo": {model: images}, "drawn": the models drawn now}; ``{}`` where the profile draws the shapes world (its judge measures it) or names
+    no CLIP model."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..core.runs import atomic_path, outputs_hash
+    from ..data import eval_prompts
+    from ..shapes import draws_shapes
+
+    if draws_shapes(profile) or not profile.generate.clip_model:
+        print(f"profile {profile.name!r} draws the shapes world (or names no generate.clip_model): the judge above is "
+              f"its measure; real prompts are measured on full and colab")
+        return {}
+    prompts = prompts or eval_sample(eval_prompts(), profile.generate.eval_prompts)
+    made_from = {"prompts": [(p.ja, p.en) for p in prompts], "generate": asdict(profile.generate), "seed": profile.seed,
+                 **{s: outputs_hash(profile, s) for s in ("tokenizer", "init", "distill")}}
+    key = hashlib.sha256(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder, clip = Path(folder), None
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"prompts": prompts, "scores": {}, "demo": {}, "drawn": []}
+    demo = [i for i, p in enumerate(prompts) if p.demo]
+    for name in [m for m in REAL_PROMPT_MODELS if m in models]:
+        saved = folder / (re.sub(r"[^\w]+", "-", name).strip("-").lower() + ".npz")
+        if saved.exists() and _key(saved) == key:
+            print(f"{name}: drawn earlier from the same prompts and stage outputs ({saved.name}): reused")
+        else:
+            english = name.startswith("English")
+            base, refiner = models[name]()
+            images = generate(profile, base, refiner, [p.en if english else p.ja for p in prompts], output_type="np")[0]
+            images = (images * 255).round().clip(0, 255).astype(np.uint8)
+            del base, refiner
+            clip = clip or load_clip(profile.generate.clip_model, profile.torch_device())
+            scores = clip_per_image(profile, images, [p.en for p in prompts], clip)
+            with atomic_path(saved) as tmp, open(tmp, "wb") as f:
+                np.savez(f, key=key, scores=scores, demo=images[demo])
+            out["drawn"].append(name)
+        with np.load(saved) as found:
+            out["scores"][name], out["demo"][name] = found["scores"], found["demo"]
+    return out
+
+
+def _key(saved) -> str:
+    with np.load(saved) as found:
+        return str(found["key"])
+
+
+def bootstrap_ratio(scores: np.ndarray, english: np.ndarray, draws: int = 2000, level: float = 0.95,
+                    seed: int = 0) -> dict:
+    """mean(``scores``) / mean(``english``) over the same prompts, with a paired percentile bootstrap interval
+    (prompts drawn with replacement, each draw the ratio of the two means)."""
+    scores, english = np.asarray(scores, dtype=float), np.asarray(english, dtype=float)
+    draw = np.random.default_rng(seed).integers(0, len(scores), size=(draws, len(scores)))
+    ratios = scores[draw].mean(1) / english[draw].mean(1)
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return {"ratio": float(scores.mean() / english.mean()), "low": float(low), "high": float(high),
+            "n": len(scores)}
+
+
+def clip_ratios(real: dict, english: str = "English (original)", **bootstrap) -> dict:
+    """{model: {"all": ratio, <kind>: ratio, ...}} for every model of ``real_prompts`` but ``english``: its CLIP
+    score as a share of the English model's on the same prompts, with the interval of ``bootstrap_ratio``."""
+    if not real:
+        return {}
+    kinds = [p.kind for p in real["prompts"]]
+    base = real["scores"][english]
+    out = {}
+    for name, scores in real["scores"].items():
+        if name == english:
+            continue
+        out[name] = {"all": bootstrap_ratio(scores, base, **bootstrap)}
+        for kind in dict.fromkeys(kinds):
+            keep = [i for i, k in enumerate(kinds) if k == kind]
+            out[name][kind] = bootstrap_ratio(scores[keep], base[keep], **bootstrap)
+    return out
 
 
 # -----------------------------------------------------------------------------

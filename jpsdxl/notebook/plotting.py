@@ -82,6 +82,17 @@ def image_grid(images, titles=None, columns: int | None = None, scale: float = 1
     return fig
 
 
+def demo_grid(real: dict, scale: float = 2.2):
+    """The demo grid of ``measure.real_prompts``: one row per model, one column per demo prompt, each titled by the
+    prompt that model drew (the English model the English, the others the Japanese)."""
+    import numpy as np
+
+    names, demo = list(real["demo"]), [p for p in real["prompts"] if p.demo]
+    return image_grid(np.concatenate([real["demo"][n] for n in names]),
+                      [f"{n}\n{p.en if n.startswith('English') else p.ja}" for n in names for p in demo],
+                      columns=len(demo), scale=scale)
+
+
 def judged_grid(images: dict, marks: dict[str, list[tuple[bool, bool]]], titles: list[str],
                 scale: float = 0.8):
     """Rows of images, one row per model (``images[name]``: ``[prompts, H, W, 3]``), one column per prompt, each

@@ -125,3 +125,9 @@ def over_seeds(summaries: dict[str, dict], keys: Sequence[str]) -> dict[str, dic
             row[key] = s[key]
             row[f"{key} (min-max)"] = "{:.4f}-{:.4f}".format(*s["spread"][key]) if s["seeds"] > 1 else ""
     return table
+
+
+def ratio_table(ratios: dict) -> dict:
+    """``measure.clip_ratios`` as {model: {kind: "ratio (low-high, n)"}}: one column per model, one row per kind."""
+    return {name: {kind: f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}, {r['n']})" for kind, r in rows.items()}
+            for name, rows in ratios.items()}
