@@ -1,15 +1,7 @@
-"""Stage 4's model folders: a Japanese SDXL that plain diffusers loads.
-
-``assemble`` writes the Japanese SDXL as two diffusers folders, ``base`` and ``refiner``, that plain
-``StableDiffusionXLPipeline.from_pretrained`` / ``StableDiffusionXLImg2ImgPipeline.from_pretrained`` load, the way
-the published cl-tohoku/stable-diffusion-xl-jp-{base,refiner}-1.0 folders load: the refiner carries the Japanese
-``text_encoder_2`` and ``tokenizer_2``. Unchanged components (UNets, VAE, scheduler) are links to the English
-pipeline's folders, and the refiner's text parts are links to the base's: nothing large is stored twice. So the
-profile's assembled model lives in the cache (``assembled_dir``), never in a runs folder: a Google Drive runs folder
-refuses links, and the model is rebuilt in seconds from stage 3's students.
-``japanese_model`` is what ``jpsdxl generate`` draws with.
-
-This file does not run the pipelines (``generation.py``) or train the encoders (``distillation.py``).
+"""Stage 4's model folders: the Japanese SDXL as ``base`` and ``refiner`` diffusers folders that plain
+``from_pretrained`` loads, as the published SD-XL 1.0-jp's do. Unchanged parts are links, so it lives in the cache
+(``assembled_dir``), never in a runs folder (Google Drive refuses links); ``japanese_model`` is what stage 4 draws
+with. It does not run pipelines (``generation.py``) or train (``distillation.py``).
 """
 
 from __future__ import annotations

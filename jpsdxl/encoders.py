@@ -1,23 +1,7 @@
-"""Japanese copies of SDXL's text encoders: same weights, a new vocabulary, the right special ids.
-
-A Japanese copy keeps every weight of the English teacher (attention, MLPs, positions, final norm, projection)
-and replaces only the token-embedding matrix, whose rows now stand for Japanese pieces. Its config must carry the
-Japanese tokenizer's ids, and one of them matters more than it looks:
-
-    transformers' CLIPTextTransformer pools the sequence (pooler_output, and text_embeds after projection) at
-    ``argmax(input_ids)`` when ``config.eos_token_id == 2`` (a legacy rule kept for old configs such as SDXL's own,
-    where it happens to hit <|endoftext|> = 49407, the largest CLIP id), and otherwise at the first position
-    whose id equals ``eos_token_id``.
-
-So a copy that inherits ``eos_token_id=2`` pools at whichever Japanese piece has the largest id: wrong, silently.
-``japanese_config`` refuses that; ``tokenization.sentencepiece_to_fast`` moves an EOS that has id 2 elsewhere.
-
-The copy is built on the meta device and takes the teacher's tensors (cloned, in the dtype asked for), so no
-random initialisation is computed and thrown away (13.7 s for a bigG-sized copy on a CPU before). Students are
-trained, so the default dtype is float32 (fp32 master weights) whatever the teacher's.
-
-How the new rows are initialised is stage 2's subject (embedding initialisation); here the default is the mean
-teacher row, with BOS/EOS/pad taken from the teacher's own special rows.
+"""Japanese copies of SDXL's text encoders: every weight of the English teacher, a new token-embedding matrix for the
+Japanese pieces, and the Japanese tokenizer's special ids (``japanese_config``: an inherited ``eos_token_id = 2``
+would make transformers pool at the largest id, silently wrong). Built on the meta device from the teacher's tensors;
+float32 by default (students are trained). How the new rows start is stage 2's (``embedding_init.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +38,9 @@ def load_english(profile) -> EnglishEncoders:
 
 
 def japanese_config(teacher_config, tokenizer):
-    """The teacher's config with the Japanese vocabulary size and special ids."""
+    """The teacher's config with the Japanese vocabulary size and special ids. transformers' CLIP text model pools at
+    ``argmax(input_ids)`` when ``eos_token_id == 2`` (a legacy rule kept for SDXL's own configs, where it hits
+    <|endoftext|> = 49407, the largest CLIP id), else at the first EOS: a Japanese copy must not inherit 2."""
     eos = tokenizer.eos_token_id
     if eos is None or eos == 2:
         raise ValueError(

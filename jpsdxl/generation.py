@@ -1,13 +1,7 @@
-"""Stage 4: two-stage SDXL generation, base then refiner, with a latent hand-off.
-
-The base denoises the first ``high_noise_frac`` of the schedule (``denoising_end``) and returns *latents*; the
-refiner picks them up at the same point (``denoising_start``) and finishes, then decodes with the VAE. The base
-reads both text encoders (their penultimate hidden states concatenated, plus text_encoder_2's pooled
-projection); the refiner reads text_encoder_2 only, so it shares that encoder (and tokenizer_2, and the VAE)
-with the base. Swapping in Japanese encoders and tokenizers is a keyword argument to ``load_pipelines``.
-
-This file does not train or build models (``core/models.py`` finds them) and does not assemble the Japanese
-model's folders (``assembly.py``); what the notebooks measure about generation is ``notebook/measure.py``.
+"""Stage 4: SDXL base then refiner with a latent hand-off (``denoising_end`` / ``denoising_start``), the models stage 4
+compares (each sharing the English UNets, VAE and scheduler) and ``run``, what ``jpsdxl generate`` calls. The
+refiner reads ``text_encoder_2`` only, so it shares that encoder, ``tokenizer_2`` and the VAE with the base. It does
+not assemble the model's folders (``assembly.py``) or measure (``notebook/measure.py``).
 """
 
 from __future__ import annotations

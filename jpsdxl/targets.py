@@ -1,14 +1,7 @@
-"""What SDXL reads from its text encoders, and how close a Japanese student comes to it on held-out pairs.
-
-The targets are what SDXL's UNets consume from the text side (diffusers' ``encode_prompt``): the penultimate hidden
-states (``hidden_states[-2]``) of ``text_encoder`` and ``text_encoder_2`` on all 77 positions, and
-``text_encoder_2``'s pooled, projected ``text_embeds`` (the card says only "hidden states": which ones is this
-tutorial's reading, a departure). The metrics: per-target MSE, cosines centred on the teacher's
-mean output (raw cosines are dominated by a component every sentence shares), matched against mismatched pairs, and
-retrieval among pools of 100 (chance 1 %).
-
-A leaf module: stage 2 measures its starting rows with it (step 0), stage 3 trains and measures with it. It does
-not train (``distillation.py``).
+"""What SDXL reads from its text encoders (``hidden_states[-2]`` of both, ``text_encoder_2``'s ``text_embeds``: the card
+says only "hidden states", so which ones is this tutorial's reading, a departure), the loss, and the held-out metrics
+(MSE, cosines centred on the teacher's mean output, matched against mismatched, retrieval among pools of 100). A
+leaf shared by stages 2 (step 0) and 3; it does not train (``distillation.py``).
 """
 
 from __future__ import annotations

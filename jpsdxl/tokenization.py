@@ -1,18 +1,7 @@
-"""Stage 1: a Japanese tokenizer that follows the conventions of SDXL's two CLIP tokenizers.
-
-The Japanese tokenizer is a sentencepiece model (trained locally on ``tiny``; LINE's 51k-piece ``spiece.model``
-on ``full``) rebuilt as a ``tokenizers`` Unigram inside a transformers fast tokenizer, laid out like SDXL's
-(see ``core/clip_tokenizer.py``): BOS, text, EOS, padding to 77, truncation on the right that keeps EOS. Two
-variants mirror SDXL's pair: ``tokenizer`` pads with EOS, ``tokenizer_2`` with ``<pad>``. They load with
-``from_pretrained`` and drop into ``StableDiffusionXLPipeline(tokenizer=..., tokenizer_2=...)`` unchanged.
-That layout is this tutorial's design (a departure: the SD-XL 1.0-jp card does not describe one).
-
-Why rebuild instead of ``T5Tokenizer(vocab_file=...)``: in transformers 5 that route silently yields a
-3-4 token vocabulary (and ``from_pretrained`` needs protobuf and re-segments differently).
-
-Also here: ``encode_prompts``, the one way prompts become ids, with warnings for what a prompt loses (tokens past
-77, characters the vocabulary lacks). This file does not touch model weights (``encoders.py``), build SDXL's own
-tokenizers (``core/clip_tokenizer.py``) or make notebook tables (``notebook/tables.py``).
+"""Stage 1: a Japanese sentencepiece tokenizer rebuilt as a fast tokenizer laid out like SDXL's two CLIP tokenizers
+(BOS, text, EOS, padded and cut to 77 with EOS kept; ``tokenizer`` pads with EOS, ``tokenizer_2`` with ``<pad>``: this
+tutorial's layout, a departure, since the card describes none), and ``encode_prompts``, the one way prompts become
+ids. It does not touch weights (``encoders.py``) or build SDXL's own tokenizers (``core/clip_tokenizer.py``).
 """
 
 from __future__ import annotations
@@ -113,7 +102,8 @@ def _vocabulary_error(e: RuntimeError, n: int, vocab_size: int, coverage: float)
 
 def sentencepiece_to_fast(model_file: str | Path, specials: dict[str, str] | None = None, pad_with: str = "pad",
                           max_length: int = MAX_LENGTH):
-    """A transformers fast tokenizer equal to a sentencepiece model, laid out like SDXL's CLIP tokenizers.
+    """A transformers fast tokenizer equal to a sentencepiece model, laid out like SDXL's CLIP tokenizers: a
+    ``tokenizers`` Unigram (``T5Tokenizer(vocab_file=...)`` in transformers 5 silently yields a 3-4 token vocabulary).
 
     ``specials`` names the bos/eos/pad/unk pieces (default: the model's own). ``pad_with="eos"`` pads with EOS
     (like SDXL's ``tokenizer``), ``"pad"`` with the pad piece (like ``tokenizer_2``).

@@ -1,25 +1,7 @@
-"""Profiles: one code path, several sizes.
-
-A profile is data (a TOML file in ``jpsdxl/profiles/``) that names the models (a hub id, a local folder, or
-``zoo:<recipe>/<part>`` for a model built locally from configs), the data, the Japanese tokenizer, sizes,
-steps, dtype and device. Notebooks take it as a papermill parameter and the CLI as ``--profile``; the code
-never branches on a profile's *name*, only on what the profile says.
-
-Shipped profiles:
-
-* ``tiny``        offline, CPU, minutes: tiny random-init SDXL built locally (the default; what CI runs).
-* ``full``        the real recipe: SDXL 1.0 base/refiner and the LINE tokenizer from the hub, on a GPU.
-* ``colab``       ``full`` sized for a 16 GB Colab card (``extends = "full"``).
-* ``full-random`` the real SDXL shapes with random weights, built locally: speed and memory without downloads.
-* ``rehearse-full``, ``rehearse-colab``  ``full`` and ``colab`` on a CPU, against the stand-in hub (rehearsal.py).
-
-A profile may ``extends = "<profile>"``: it then holds only what differs, section by section.
-
-A profile is checked when it is loaded: unknown or missing keys, wrong types and impossible values are errors
-that name the file and the key. Relative paths in a profile (a data file, a model folder) are read against the
-profile file's own folder, so a profile means the same thing from any working directory.
-
-This file is not where models are found (``models.py``) or data read (``data.py``).
+"""Profiles: one code path, several sizes. A profile is checked data (a TOML file in ``jpsdxl/profiles/``, which may
+``extends = "<profile>"``) naming models, data, tokenizer, sizes, steps, dtype and device; the code never branches on
+a profile's name. Relative paths are read against the profile file's folder. Shipped: ``tiny``, ``full``, ``colab``,
+``full-random``, ``rehearse-full``, ``rehearse-colab`` (``jpsdxl profiles`` says what each is for).
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
-"""Where artefacts live, how they are written, and which stage wrote what.
-
-Everything a run produces goes under ``runs/<profile>/<stage folder>/`` (executed notebook, HTML export,
-``metrics.json``, the stage's outputs); ``runs/`` is ``$JPSDXL_RUNS`` if set, else ``./runs`` in the working
-directory (from a source checkout's ``notebooks/`` folder: the checkout's ``runs/``), never the install location.
-Everything that is slow to make and safe to share between runs (downloaded data, the tiny model zoo, trained
-tokenizers) goes under the cache, ``$JPSDXL_CACHE`` or ``~/.cache/jpsdxl``.
-
-``STAGES`` is the recipe's table (folder, command, inputs, outputs of each stage); a stage reads its predecessor's
-outputs only through ``require``, which checks them against the record their stage left (``stage.json``: content
-hashes of the outputs and of what they were made from) and names the command to run when they are missing or stale.
-
-Writes are atomic: a file or folder is written next to its destination and renamed into place, so an
-interrupted run never leaves a half-written artefact that a later run would trust. Long work checks first that it
-can write where it will (``ensure_writable``), and a training run holds its folder (``exclusive``).
-
-This file is not the notebook runner (see ``runner.py``).
+"""Where artefacts live and how they are written: ``runs/<profile>/<stage folder>/`` (``$JPSDXL_RUNS``, else ``./runs``)
+for what a run produces, the cache (``$JPSDXL_CACHE``) for what is slow and keyed by content; atomic writes, no
+write through a link. ``STAGES`` is the recipe's table, and ``require`` the stage contract: a stage reads an earlier
+one's outputs only if the record they were written with (``stage.json``) still holds. Not the runner (``runner.py``).
 """
 
 from __future__ import annotations
