@@ -152,3 +152,22 @@ def test_time_estimates_count_the_flops_of_what_each_stage_runs():
                               generate={"eval_prompts": 2 * colab.generate.eval_prompts}), "Tesla T4")
     assert more[0]["minutes (estimate)"] == pytest.approx(4 * base[0]["minutes (estimate)"], abs=2)
     assert more[1]["minutes (estimate)"] == pytest.approx(2 * base[1]["minutes (estimate)"], abs=2)
+
+
+def test_colabs_cost_as_the_readme_and_notebooks_quote_it_is_what_the_estimates_compute():
+    """README, notebook 00 and the all-stages notebook quote a T4 run's minutes and memory: the figures must be the
+    ones `costs.stage_times` and `costs.stage_budgets` compute for `colab` (change the code, the text must follow)."""
+    from pathlib import Path
+
+    from jpsdxl.notebook.costs import stage_budgets, stage_times
+
+    colab = load_profile("colab")
+    minutes = {r["stage"]: r["minutes (estimate)"] for r in stage_times(colab, "Tesla T4")}
+    budgets = stage_budgets(colab)
+    gpu, host = max(r["GPU GiB"] for r in budgets), max(r["host GiB"] for r in budgets)
+    root = Path(__file__).resolve().parents[1]
+    for name in ("README.md", "notebooks/00_overview.ipynb", "notebooks/colab_all_stages.ipynb"):
+        text = " ".join((root / name).read_text(encoding="utf-8").replace('\\n",\n    "', " ").split())
+        assert f"{minutes['03 distill']} minutes" in text and f"{minutes['04 generate']}" in text, name
+        if name != "notebooks/colab_all_stages.ipynb":  # that one prints the memory table itself
+            assert f"{gpu} GiB of the T4's 14.7" in text and f"{host} GiB of host RAM" in text, name
