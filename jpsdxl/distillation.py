@@ -538,7 +538,7 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
 
     from accelerate import PartialState
 
-    from .core.runs import exclusive, require
+    from .core.runs import exclusive, require, settings_hash
     from .embedding_init import needs_mapping
 
     p = setup.profile
@@ -558,7 +558,8 @@ def distil(setup: Setup, folder: str | Path | None = None, resume: bool = True, 
         run = train(setup.teachers, students, pairs, setup.held_out, cfg, seed=seed, folder=folder,
                     resume=resume, progress=progress, stop_after=stop_after)
     used = {k: v for k, v in setup.made_from.items() if k != "init" or needs_mapping(strategy)}
-    run.made_from = {**used, "init_strategy": strategy, "steps": cfg.steps, "seed": seed}
+    run.made_from = {**used, "init_strategy": strategy, "steps": cfg.steps, "seed": seed,
+                     "settings": settings_hash(p, "distill", distill=cfg, seed=seed)}
     return run
 
 

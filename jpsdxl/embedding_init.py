@@ -388,7 +388,7 @@ def save_mapping(mapping: Mapping, folder: str | Path, profile=None) -> Path:
     """``mapping.tsv`` (readable) and ``mapping.pt`` (ids and scores, with the settings that made them), from which
     ``initial_rows`` rebuilds any strategy's rows: what stage 3 starts from and stage 4's "init only" encoders load.
     With the ``profile`` it was made for: stage 2's outputs, recorded as made from stage 1's tokenizers."""
-    from .core.runs import outputs_hash, record
+    from .core.runs import outputs_hash, record, settings_hash
 
     folder = Path(folder)
     settings = {"embedder": profile.init.embedder, "candidates": profile.init.candidates} if profile else {}
@@ -398,7 +398,8 @@ def save_mapping(mapping: Mapping, folder: str | Path, profile=None) -> Path:
                     "en_ids": mapping.en.ids, "en_texts": mapping.en.texts, "en_pieces": mapping.en.pieces,
                     "top_ids": mapping.en_ids, "top_scores": mapping.scores, "settings": settings}, tmp)
     if profile is not None:
-        record(folder, "init", {"tokenizer": outputs_hash(profile, "tokenizer"), **settings})
+        record(folder, "init", {"tokenizer": outputs_hash(profile, "tokenizer"),
+                                "settings": settings_hash(profile, "init"), **settings})
     return folder / "mapping.pt"
 
 

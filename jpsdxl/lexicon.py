@@ -1,10 +1,5 @@
-"""A JA-EN lexicon for stage 2's dictionary check: common JMdict words and their first English gloss.
-
-JMdict (CC-BY-SA 3.0, EDRDG) comes inside the ``jamdict-data`` package as a sqlite file, read here directly with
-``sqlite3`` (jamdict's own ``lookup`` takes 50 ms a word). Stage 2 asks of its mapping: is a Japanese headword's
-nearest English token its dictionary gloss?
-
-This file reads the dictionary only; the sentence pairs are ``data.py``'s.
+"""A JA-EN lexicon for stage 2's dictionary check (is a headword's nearest English token its gloss?): common JMdict
+words and their first English gloss, read with ``sqlite3`` from the ``jamdict-data`` package (CC-BY-SA 3.0, EDRDG).
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""A stand-in Hugging Face hub, for rehearsing the `full` and `colab` profiles on a CPU without internet.
-
-``build_hub(cache)`` writes a hub cache (the layout ``snapshot_download`` leaves: ``blobs/``, ``snapshots/<commit>/``,
-``refs/main`` and the cached tree listing ``trees/<commit>.json``) holding every repository `full` and `colab` name,
-under their real ids, file names and layouts (variants, tokenizer files, extra formats nobody should fetch), with
-small configs and random weights. With ``HF_HUB_CACHE`` pointing there and ``HF_HUB_OFFLINE=1``, the libraries take
-their real offline paths: diffusers filters the listing by variant, transformers and sentence-transformers read the
-tokenizer and model files, open_clip reads an ``hf-hub:`` repo (the rehearsal profiles' one seam for it: a pretrained
-tag would fix the architecture at ViT-L's size), datasets streams the parquet files (through the other seam,
-``data._offline_snapshot``: datasets streams a hub id only online).
-
-This file only writes the stand-in; the profiles that use it are ``rehearse-full`` and ``rehearse-colab``.
+"""A stand-in Hugging Face hub for rehearsing ``full`` and ``colab`` on a CPU offline: ``build_hub`` writes a hub cache
+(blobs, snapshots, refs, the cached tree listing) with every repository they name, under real ids and layouts
+(variants, tokenizer files, extras nobody should fetch), small configs, random weights, so the libraries take their
+real offline paths. Seams: ``data._offline_snapshot`` (datasets) and open_clip's ``hf-hub:`` name. Writes only.
 """
 
 from __future__ import annotations

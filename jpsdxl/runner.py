@@ -1,15 +1,7 @@
-"""The notebook runner: execute every notebook in order with papermill, on one profile.
-
-For each ``notebooks/NN_*.ipynb`` it writes ``runs/<profile>/<NN_name>/``: the executed copy, an HTML export,
-and the ``metrics.json`` that the notebook itself saved (a notebook that saves none fails the run). A
-``summary.json`` beside them records wall times and headline numbers. The notebooks in the repository stay
-without outputs; executed copies live only under ``runs/``.
-
-A rerun reuses what it can prove current: each successful execution leaves a ``fingerprint`` of everything its
-outputs depend on (see ``fingerprint``), and a notebook whose fingerprint has not changed is not executed again
-(``force=True``, ``jpsdxl run --force``: execute every one anyway).
-
-This file is not the CLI (``cli.py``) and computes no metrics of its own.
+"""The notebook runner: each stage's notebook in the stage table's order, executed by papermill on one profile into
+``runs/<profile>/<notebook>/`` (the executed copy, an HTML export, the ``metrics.json`` it saved; ``summary.json``
+beside them). A notebook whose ``fingerprint`` (its text, settings, code, libraries, local inputs, the earlier
+notebooks' outputs) is unchanged is reused; ``run_all_stages`` runs Colab's all-stages notebook. Not the CLI.
 """
 
 from __future__ import annotations

@@ -402,13 +402,14 @@ def save_tokenizers(profile, tokenizers, folder: str | Path | None = None) -> Pa
     alignment``), each written atomically, and the stage's record of what made them. What stages 2-4 read."""
     import dataclasses
 
-    from .core.runs import record, stage_dir
+    from .core.runs import record, settings_hash, stage_dir
 
     folder = Path(folder) if folder else stage_dir(profile, "tokenizer")
     for name, tokenizer in zip(("tokenizer", "tokenizer_2"), tokenizers):
         with atomic_path(folder / name) as tmp:
             tokenizer.save_pretrained(tmp)
-    record(folder, "tokenizer", {"data": profile.data.pairs, **dataclasses.asdict(profile.tokenizer)})
+    record(folder, "tokenizer", {"settings": settings_hash(profile, "tokenizer"), "data": profile.data.pairs,
+                                 **dataclasses.asdict(profile.tokenizer)})
     return folder
 
 

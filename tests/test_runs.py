@@ -328,3 +328,36 @@ def test_the_fingerprint_covers_the_zoo_build_a_profile_reads(tmp_path, monkeypa
     assert runner.fingerprint(tmp_path / "04_generation.ipynb", tiny, tmp_path) == before
     (build / "config.json").write_text('{"edited": true}')
     assert runner.fingerprint(tmp_path / "04_generation.ipynb", tiny, tmp_path) != before
+
+
+def fake_stage_1(profile):
+    """A stand-in for stage 1's `run`, for the test below: writes the two folders and records them."""
+    from jpsdxl.core.runs import record, settings_hash, stage_dir
+
+    folder = stage_dir(profile, "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / "tokenizer.json").write_text(f"{profile.tokenizer.vocab_size} pieces")
+    record(folder, "tokenizer", {"settings": settings_hash(profile, "tokenizer")})
+
+
+def test_a_stage_is_run_again_only_when_its_outputs_are_not_current(tmp_path, monkeypatch, capsys):
+    """The all-stages notebook's rule (`colab.run_stage`): run a stage whose outputs are missing, kept otherwise;
+    run it again when the profile's settings for it changed, or its data file's content did (same path)."""
+    from jpsdxl.core.profiles import derive, load_profile, save_profile
+    from jpsdxl.core.runs import STAGES
+    from jpsdxl.notebook.colab import run_stage
+
+    monkeypatch.setenv("JPSDXL_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setitem(STAGES, "tokenizer", STAGES["tokenizer"]._replace(run="tests.test_runs:fake_stage_1"))
+    data = tmp_path / "my.tsv"
+    data.write_text("猫\tcat\n", encoding="utf-8")
+    mine = save_profile(derive(load_profile("tiny"), name="mine", data={"pairs": str(data)}), tmp_path / "mine.toml")
+    profile = load_profile(mine)
+    assert run_stage(profile, "tokenizer") is True  # nothing there
+    assert run_stage(profile, "tokenizer") is False and "current, kept" in capsys.readouterr().out
+    assert run_stage(derive(profile, tokenizer={"vocab_size": 2000}), "tokenizer") is True  # other settings
+    assert run_stage(profile, "tokenizer") is True  # and back
+    assert run_stage(derive(profile, init={"top_k": 3}), "tokenizer") is False  # a section stage 1 does not read
+    data.write_text("犬がいる。\tThere is a dog.\n", encoding="utf-8")  # new content, same path
+    assert run_stage(profile, "tokenizer") is True

@@ -1,12 +1,6 @@
-"""SDXL's two CLIP tokenizers, rebuilt offline from the BPE vocabulary that open_clip_torch ships.
-
-SDXL reads every prompt twice: ``tokenizer`` (for CLIP ViT-L, pads with ``<|endoftext|>``) and ``tokenizer_2``
-(for OpenCLIP bigG, pads with ``"!"``, id 0). Both emit exactly 77 ids: ``<|startoftext|>``, the text,
-``<|endoftext|>``, padding; a longer prompt is cut on the right so that EOS stays last.
-
-A leaf module: the zoo (which saves these tokenizers into its model folders) and the Japanese tokenizer (which
-copies their layout) both import it, and it imports nothing else from jpsdxl but ``runs``.
-This file does not hold the Japanese tokenizer (``tokenization.py``) or notebook tables (``notebook/tables.py``).
+"""SDXL's two CLIP tokenizers rebuilt offline from open_clip_torch's BPE vocabulary: ``tokenizer`` pads with
+``<|endoftext|>``, ``tokenizer_2`` with ``"!"`` (id 0); both give 77 ids, BOS, text, EOS, padding, cut on the right
+with EOS kept. A leaf: the zoo saves these, and the Japanese tokenizer copies their layout (``tokenization.py``).
 """
 
 from __future__ import annotations

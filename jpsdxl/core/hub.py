@@ -1,17 +1,7 @@
-"""Fetch a model from the Hugging Face hub (or find it in a local folder): a hub id or folder in, a folder out.
-
-Every loader in jpsdxl calls ``from_pretrained(models.resolve(...))``: on the ``tiny`` profile that is a folder
-the zoo built from configs, on ``full`` a hub snapshot that this file fetched. Offline (``HF_HUB_OFFLINE=1``) a
-hub model that is not in the local cache fails here, at once, with a message that names the model and says what
-to do, instead of a stack trace from deep inside huggingface_hub halfway through a notebook.
-
-Only what ``from_pretrained`` will read is fetched. SDXL's hub repos hold every weight in several forms (Flax,
-ONNX, OpenVINO, fp32 and fp16 PyTorch, single-file checkpoints): a plain ``snapshot_download`` of the base
-alone is tens of GB. So a pipeline goes through diffusers' own ``DiffusionPipeline.download`` (it knows the
-component folders, ``variant="fp16"`` and safetensors), a single model fetches its config and one weights
-file, and a tokenizer its tokenizer files.
-
-This file builds nothing (``zoo.py`` does) and does not choose between the two (``models.py`` does).
+"""A hub id or a local folder in, a folder out: fetches only what ``from_pretrained`` reads (a pipeline through
+diffusers' own ``DiffusionPipeline.download``, in the profile's variant; a model its config and one weights file; a
+tokenizer its files), never a repo's Flax/ONNX/single-file copies. Offline, a missing model fails at once, named,
+with what to do. It builds nothing (``zoo.py``) and does not choose between the two (``models.py``).
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ class Stage(NamedTuple):
     help: str  # one line for `jpsdxl --help`
     inputs: tuple[str, ...] = ()  # the stages whose outputs it reads
     outputs: tuple[str, ...] = ()  # what it leaves for later stages (besides metrics.json): the stage contract
+    settings: tuple[str, ...] = ()  # the profile's sections (and fields) its outputs depend on
 
     def how(self, profile: str) -> str:
         """The command that makes this stage's outputs, for a "run this first" message."""
@@ -84,16 +85,16 @@ STAGES = {
     "overview": Stage("00_overview", None, None, "the recipe, the profiles, this machine"),
     "tokenizer": Stage("01_tokenizer_alignment", "tokenizer", "jpsdxl.tokenization:run",
                        "stage 1: train the Japanese tokenizer and save both tokenizers with SDXL's conventions",
-                       (), ("tokenizer", "tokenizer_2")),
+                       (), ("tokenizer", "tokenizer_2"), ("seed", "data", "tokenizer")),
     "init": Stage("02_embedding_init", "init", "jpsdxl.embedding_init:run",
                   "stage 2: map every Japanese piece to its most similar English CLIP tokens (mapping.pt, .tsv)",
-                  ("tokenizer",), ("mapping.pt", "mapping.tsv")),
+                  ("tokenizer",), ("mapping.pt", "mapping.tsv"), ("init",)),
     "distill": Stage("03_distillation", "distill", "jpsdxl.distillation:run",
                      "stage 3: train the Japanese text encoders; resumes from the newest checkpoint unless --fresh",
-                     ("tokenizer", "init"), TEXT_PARTS),
+                     ("tokenizer", "init"), TEXT_PARTS, ("seed", "data", "distill", "dtype")),
     "generate": Stage("04_generation", "generate", "jpsdxl.generation:run",
                       "stage 4: draw from Japanese prompts, base then refiner, as the SD-XL 1.0-jp card does",
-                      ("distill",), ("judged.png",)),
+                      ("distill",), ("judged.png",), ("generate",)),
 }
 
 
@@ -154,6 +155,27 @@ def content_hash(folder: str | Path, names) -> str:
             while block := stream.read(1 << 20):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def settings_hash(profile, stage: str, **effective) -> str:
+    """A hash of the profile settings ``stage``'s outputs depend on (its row's ``settings``), with any section replaced
+    by the value a run really used (``distill=cfg`` after overrides), and the size and time of a local data file (its
+    content, not its name). A stage records it in ``made_from["settings"]``; ``settings_changed`` compares."""
+    import dataclasses
+
+    values = {name: effective.get(name, getattr(profile, name)) for name in STAGES[stage].settings}
+    values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()}
+    data = Path(str(profile.data.pairs).removeprefix("hf:")).expanduser()
+    if "data" in values and data.is_file():
+        values["data file"] = [data.stat().st_size, data.stat().st_mtime_ns]
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings_changed(profile, stage: str) -> bool:
+    """Were ``stage``'s outputs for ``profile`` made with other settings than the profile holds now (or with an
+    override, such as ``jpsdxl distill --steps``)? What a re-run of every stage (the all-stages notebook) asks."""
+    entry = _recorded(require(profile, stage), stage, profile.name)
+    return entry["made_from"].get("settings") != settings_hash(profile, stage)
 
 
 def record(folder: str | Path, stage: str, made_from: dict[str, Any]) -> dict:

@@ -1,18 +1,7 @@
-"""The offline model zoo: SDXL base + refiner built from configs, saved as diffusers folders.
-
-Two recipes, one builder:
-
-* ``tiny``: random-init, minutes on a CPU. Text encoders of *different* widths (64 and 96) so that a mix-up
-  between ``text_encoder`` and ``text_encoder_2`` fails loudly instead of silently training the wrong thing.
-* ``sdxl``: the real SDXL 1.0 shapes (ViT-L + bigG text towers, 2.6B-parameter UNet) with random weights,
-  for measuring speed and memory on a GPU without downloading 15 GB.
-
-Both get SDXL's own two CLIP tokenizers, built from the BPE vocabulary that open_clip_torch ships. A recipe is
-built deterministically from its seed into ``<cache>/zoo/<recipe>-<hash>/{base,refiner}`` and then loaded the
-only way any model is loaded here: ``from_pretrained(<folder>)``, the same call that takes a hub id in ``full``.
-The base and refiner share one ``text_encoder_2`` and one VAE, as the real pair does.
-
-This file does not fetch hub ids (``hub.py``) or train anything (``shapes/training.py`` trained the shipped weights).
+"""The offline model zoo: SDXL base + refiner built deterministically from configs (``tiny``: small, text encoders of
+different widths so a mix-up fails loudly; ``shapes``: tiny with the shipped trained weights; ``sdxl``: SDXL 1.0's
+real shapes, random) into ``<cache>/zoo/<recipe>-<hash>/``, with SDXL's two CLIP tokenizers, then loaded as any
+model is, by ``from_pretrained(<folder>)``. It fetches nothing (``hub.py``) and trains nothing.
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
-"""Train the shapes world's VAE, base UNet and refiner UNet on a CPU: what makes ``tiny`` SDXL draw what it reads.
-
-The text encoders are the tiny zoo's random, frozen CLIP towers (the "English teachers" of the later stages), and
-every caption is encoded exactly as the SDXL pipelines encode prompts (``encode_prompt``, penultimate hidden
-states, pooled projection, the same size/crop/aesthetic time ids). Only the VAE and the two UNets learn:
-
-1. VAE on shape images (MSE + a small KL); its latents' spread sets ``scaling_factor``.
-2. Base UNet on every noise level (epsilon prediction, min-SNR weighting, EMA), conditioned on English captions,
-   10 % of them dropped to the base pipeline's unconditional input (zeros), for classifier-free guidance.
-3. Refiner UNet on the low-noise end of the schedule, where the base hands over, with the refiner's own
-   conditioning (text_encoder_2 only, aesthetic score 6; dropped captions get the encoded empty prompt and 2.5).
-
-``train_shapes_world`` writes the trained weights (fp16 safetensors stamped with the recipe's hash), the loss
-curves and the judge's numbers to a folder; ``core/zoo.py`` builds the ``shapes`` recipe from them. Rebuild with
-``jpsdxl train-shapes`` (see docs/shapes-world.md for its measured time). This file does not judge images (``world.py``).
+"""Train the shapes world's VAE, base UNet and refiner UNet on a CPU (``jpsdxl train-shapes``), with the tiny zoo's
+random frozen text encoders as the English teachers and every caption encoded as the SDXL pipelines encode prompts;
+10 % of captions dropped for classifier-free guidance. ``train_shapes_world`` writes fp16 weights stamped with the
+recipe's hash, which ``core/zoo.py`` builds the ``shapes`` recipe from. It judges nothing (``world.py``).
 """
 
 from __future__ import annotations

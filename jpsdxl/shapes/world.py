@@ -1,19 +1,7 @@
-"""The shapes world: a tiny captioned data set that a CPU can learn, and a judge that scores images of it.
-
-``tiny`` SDXL is too small to learn real images, but it can learn *this*: one coloured shape on a white
-background, 32x32 pixels, six colours x three shapes, with random size and position. Trained on English captions
-("a red circle"), the tiny base + refiner draw what a caption says; the tutorial can then *measure* whether a
-Japanese prompt (「赤い丸」) draws the same, before and after distillation.
-
-* ``render`` / ``sample``: a seeded generator of images and their attributes (colour, shape, size, position).
-* ``english_captions`` / ``japanese_captions``: several phrasings per (colour, shape); which combinations and which
-  phrasings are held out of stage 3's training pairs is fixed here (``HELD_OUT_*``), so stages 3 and 4 can test
-  on what distillation never saw.
-* ``judge``: a pixel classifier, no learning: the dominant hue of the saturated pixels against the palette, and
-  the shape from the mask's geometry in its bounding box (whether it narrows upwards, whether it fills the corners).
-
-This file does not train anything (``training.py``), build pipelines (``core/zoo.py``) or generate images
-(``notebook/measure.py`` judges a pipeline's images with ``score``).
+"""The shapes world: one coloured shape on white at 32x32 (six colours x three shapes), seeded images and captions in
+several phrasings (which combinations and phrasings stage 3 never sees is fixed here, ``HELD_OUT_*``), and a judge
+with no learning (dominant hue against the palette; shape from the mask's geometry). What ``tiny`` measures with. It
+trains nothing (``training.py``) and builds no pipeline (``core/zoo.py``).
 """
 
 from __future__ import annotations
