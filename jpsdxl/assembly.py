@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .core.models import PIPELINE_ROLES, resolve_profile
-from .core.runs import TEXT_PARTS, quiet_hf_progress
+from .core.runs import TEXT_PARTS, file_listing, quiet_hf_progress
 
 
 def _link(src: Path, dest: Path, final_parent: Path, copy: bool) -> None:
@@ -88,10 +88,8 @@ def fingerprint(students_dir: str | Path) -> str:
     assembled model records it (``source.json``), so a model assembled from older encoders is noticed."""
     import hashlib
 
-    folder = Path(students_dir)
-    files = sorted(p for part in TEXT_PARTS for p in (folder / part).rglob("*") if p.is_file())
-    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    listing = file_listing(Path(students_dir), TEXT_PARTS)
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def describe_assembled(folder: str | Path) -> list[dict]:

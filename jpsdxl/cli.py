@@ -127,13 +127,10 @@ def _dispatch(args) -> int:
 
 def _stage(args) -> int:
     """A stage row without a command of its own here: its ``run(profile)``, and what it returned."""
-    import importlib
-
     from .core.profiles import load_profile
 
     stage = next(s for s in STAGES.values() if s.command == args.command)
-    module, _, function = stage.run.partition(":")
-    print(getattr(importlib.import_module(module), function)(load_profile(args.profile)))
+    print(stage.function()(load_profile(args.profile)))
     return 0
 
 

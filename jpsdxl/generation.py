@@ -108,15 +108,13 @@ def compared_models(profile, students_dir: str | Path, model_dir: str | Path, en
     shapes, 1.6 GB in fp16 each; five at once do not fit Colab's host RAM beside the UNets)."""
     import sys
 
-    from transformers import AutoTokenizer
-
     from .assembly import japanese_model, load_assembled
     from .core.hub import ModelNotAvailable
     from .distillation import Teachers, make_students
     from .embedding_init import stage_mapping
+    from .tokenization import tokenizer_pair
 
-    students_dir = Path(students_dir)
-    tok, tok_2 = (AutoTokenizer.from_pretrained(students_dir / t) for t in ("tokenizer", "tokenizer_2"))
+    tok, tok_2 = tokenizer_pair(students_dir)
     base = english[0]
     teachers = Teachers(base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2)
     mapping = stage_mapping(profile)
@@ -145,15 +143,16 @@ def compared_models(profile, students_dir: str | Path, model_dir: str | Path, en
 def with_students(english, students_dir: str | Path):
     """(base, refiner) that read prompts through a stage-3 output folder's encoders and tokenizers (``save_students``
     layout) and share ``english``'s UNets, VAE and scheduler: nothing is assembled on disk."""
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from .assembly import students_folder
+    from .tokenization import tokenizer_pair
 
     folder = students_folder(students_dir)
     with quiet_hf_progress():
         te = CLIPTextModel.from_pretrained(folder / "text_encoder")
         te_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
-    tok, tok_2 = (AutoTokenizer.from_pretrained(folder / name) for name in ("tokenizer", "tokenizer_2"))
+    tok, tok_2 = tokenizer_pair(folder)
     return with_text_parts(english, te.eval(), te_2.eval(), tok, tok_2)
 
 

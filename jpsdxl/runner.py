@@ -12,7 +12,9 @@ import importlib.metadata
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .core.hub import is_offline
 from .core.models import resolve_profile
@@ -176,21 +178,43 @@ def run_notebooks(profile: str = "tiny", only: list[str] | None = None, runs_roo
     todo = notebooks(notebook_dir, only)
     if not todo:
         raise FileNotFoundError(f"No notebooks matching {only or 'NN_*.ipynb'} in {notebook_dir}")
-    # the kernels inherit it: every stage a notebook reads or writes resolves under the same root
+    with _kernels_write_under(root):
+        return _run_all(todo, profile, loaded, root, html, progress, force)
+
+
+@contextmanager
+def _kernels_write_under(root: Path) -> Iterator[None]:
+    """``JPSDXL_RUNS=root`` for a block: the kernels inherit it, so every stage a notebook reads or writes resolves
+    under the same root."""
     previous, os.environ["JPSDXL_RUNS"] = os.environ.get("JPSDXL_RUNS"), str(root)
     try:
-        summary = _run_all(todo, profile, loaded, root, html, progress, force)
+        yield
     finally:
-        if previous is None:
-            os.environ.pop("JPSDXL_RUNS", None)
-        else:
-            os.environ["JPSDXL_RUNS"] = previous
-    return summary
+        os.environ.pop("JPSDXL_RUNS") if previous is None else os.environ.update(JPSDXL_RUNS=previous)
+
+
+def _execute(notebook: Path, executed: Path, profile: str, run_dir: Path, what: str = "") -> tuple[float, float]:
+    """Execute ``notebook`` into ``executed`` with papermill (parameters ``profile`` and ``run_dir``); returns
+    (seconds, the kernel's peak resident MB). A failing cell is a ``NotebookFailed`` naming it and the copy."""
+    import papermill
+
+    start = time.perf_counter()
+    try:
+        with PeakMemory() as peak:
+            papermill.execute_notebook(str(notebook), str(executed), cwd=str(notebook.parent), progress_bar=False,
+                                       parameters={"profile": str(profile), "run_dir": str(run_dir)},
+                                       kernel_name="python3",
+                                       # the kernel's "running over TCP without encryption" notice is noise on
+                                       # a kernel that only this process talks to, on this machine
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    except papermill.PapermillExecutionError as e:
+        raise NotebookFailed(f"{notebook.name}{what} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                             f"The executed copy with the traceback: {executed}") from None
+    return round(time.perf_counter() - start, 1), peak.mb
 
 
 def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, progress: bool,
              force: bool) -> list[dict]:
-    import papermill
     from tqdm.auto import tqdm
 
     name, summary = loaded.name, []
@@ -210,25 +234,13 @@ def _run_all(todo: list[Path], profile: str, loaded, root: Path, html: bool, pro
             continue
         saved.unlink(missing_ok=True)  # written again only when this execution succeeds
         (out_dir / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's
-        start = time.perf_counter()
-        try:
-            with PeakMemory() as peak:
-                    papermill.execute_notebook(str(nb), str(executed), parameters={"profile": str(profile),
-                                           "run_dir": str(out_dir)}, cwd=str(nb.parent), progress_bar=False,
-                                           kernel_name="python3",
-                                           # the kernel's "running over TCP without encryption" notice is noise on
-                                           # a kernel that only this process talks to, on this machine
-                                           extra_arguments=["--IPKernelApp.log_level=ERROR"])
-        except papermill.PapermillExecutionError as e:
-            raise NotebookFailed(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                                 f"The executed copy with the traceback: {executed}") from None
-        seconds = round(time.perf_counter() - start, 1)
+        seconds, peak_mb = _execute(nb, executed, profile, out_dir)
         if html:
             export_html(executed)
         metrics = load_metrics(out_dir)
         if not metrics:
             raise NotebookFailed(f"{nb.name} ran but saved no metrics.json in {out_dir}")
-        summary.append({"notebook": nb.stem, "seconds": seconds, "peak_rss_mb": peak.mb, "executed": str(executed),
+        summary.append({"notebook": nb.stem, "seconds": seconds, "peak_rss_mb": peak_mb, "executed": str(executed),
                         "metrics": metrics})
         with atomic_path(saved) as tmp:
             tmp.write_text(current)
@@ -262,8 +274,6 @@ def run_all_stages(profile: str, runs_root: str | Path, times: int = 2,
     learner whose runtime was cut off runs it again: the first run makes every stage's outputs, every later one must
     repeat no stage and draw no image (``metrics.json``: ``ran`` and ``drawn`` empty). Returns each run's seconds,
     kernel peak memory and metrics; a later run that repeated work is a ``NotebookFailed``."""
-    import papermill
-
     from .core.runs import refuse_link
 
     loaded = load_profile(profile)
@@ -273,26 +283,15 @@ def run_all_stages(profile: str, runs_root: str | Path, times: int = 2,
 
         shutil.rmtree(refuse_link(root / loaded.name))
     notebook, out = Path(notebook_dir) / f"{ALL_STAGES}.ipynb", runs_dir(loaded.name, ALL_STAGES, root)
-    previous, os.environ["JPSDXL_RUNS"] = os.environ.get("JPSDXL_RUNS"), str(root)
     rows = []
-    try:
+    with _kernels_write_under(root):
         for attempt in range(1, times + 1):
-            executed, start = out / f"{ALL_STAGES}-{attempt}.ipynb", time.perf_counter()
-            try:
-                with PeakMemory() as peak:
-                    papermill.execute_notebook(str(notebook), str(executed), cwd=str(notebook.parent),
-                                               parameters={"profile": str(profile), "run_dir": str(out)},
-                                               progress_bar=False, kernel_name="python3",
-                                               extra_arguments=["--IPKernelApp.log_level=ERROR"])
-            except papermill.PapermillExecutionError as e:
-                raise NotebookFailed(f"{notebook.name} (run {attempt}) failed in cell {e.exec_count}: {e.ename}: "
-                                     f"{e.evalue}\nThe executed copy with the traceback: {executed}") from None
+            executed = out / f"{ALL_STAGES}-{attempt}.ipynb"
+            seconds, peak_mb = _execute(notebook, executed, profile, out, f" (run {attempt})")
             metrics = load_metrics(out)
-            rows.append({"run": attempt, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak.mb,
-                         "ran": metrics["ran"], "drawn": metrics["drawn"], "metrics": metrics})
+            rows.append({"run": attempt, "seconds": seconds, "peak_rss_mb": peak_mb, "ran": metrics["ran"],
+                         "drawn": metrics["drawn"], "metrics": metrics})
             if attempt > 1 and (metrics["ran"] or metrics["drawn"]):
                 raise NotebookFailed(f"{notebook.name} run {attempt} repeated work whose outputs were current: "
                                      f"stages {metrics['ran']}, models drawn {metrics['drawn']} ({executed})")
-    finally:
-        os.environ.pop("JPSDXL_RUNS") if previous is None else os.environ.update(JPSDXL_RUNS=previous)
     return rows

@@ -252,8 +252,6 @@ def japanese_tokenizers(profile, japanese_texts: Sequence[str] | None = None):
     The cached folder's name depends only on content (model, layout version, specials, length), so two runs at
     once build the same folder.
     """
-    from transformers import AutoTokenizer
-
     model, specials = sentencepiece_model(profile, japanese_texts)
     layout = f"{FAST_LAYOUT_VERSION}{sorted((specials or {}).items())}{MAX_LENGTH}"
     key = hashlib.sha256((_content_key(model) + layout).encode()).hexdigest()[:12]
@@ -262,17 +260,21 @@ def japanese_tokenizers(profile, japanese_texts: Sequence[str] | None = None):
         with atomic_path(folder) as tmp:
             for sub, pad_with in (("tokenizer", "eos"), ("tokenizer_2", "pad")):
                 sentencepiece_to_fast(model, specials, pad_with, MAX_LENGTH).save_pretrained(tmp / sub)
-    return (AutoTokenizer.from_pretrained(folder / "tokenizer"), AutoTokenizer.from_pretrained(folder / "tokenizer_2"))
+    return tokenizer_pair(folder)
+
+
+def tokenizer_pair(folder: str | Path):
+    """(tokenizer, tokenizer_2) from a folder in the diffusers layout (a pipeline, stage 1's or stage 3's outputs)."""
+    from transformers import AutoTokenizer
+
+    return tuple(AutoTokenizer.from_pretrained(Path(folder) / name) for name in ("tokenizer", "tokenizer_2"))
 
 
 def sdxl_tokenizers(profile):
     """(tokenizer, tokenizer_2) exactly as the profile's SDXL base pipeline loads them."""
-    from transformers import AutoTokenizer
-
     from .core.models import resolve
 
-    base = resolve(profile.models.base, "SDXL base", variant=profile.models.variant)
-    return AutoTokenizer.from_pretrained(base / "tokenizer"), AutoTokenizer.from_pretrained(base / "tokenizer_2")
+    return tokenizer_pair(resolve(profile.models.base, "SDXL base", variant=profile.models.variant))
 
 
 def sentencepiece_agreement(model_file: str | Path, tokenizer, texts: Sequence[str], show: int = 5) -> dict:
@@ -415,12 +417,9 @@ def save_tokenizers(profile, tokenizers, folder: str | Path | None = None) -> Pa
 
 def stage_tokenizers(profile):
     """(tokenizer, tokenizer_2) as stage 1 saved them for ``profile``: missing, an error that says what to run."""
-    from transformers import AutoTokenizer
-
     from .core.runs import require
 
-    folder = require(profile, "tokenizer")
-    return AutoTokenizer.from_pretrained(folder / "tokenizer"), AutoTokenizer.from_pretrained(folder / "tokenizer_2")
+    return tokenizer_pair(require(profile, "tokenizer"))
 
 
 def run(profile) -> Path:

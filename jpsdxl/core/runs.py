@@ -73,6 +73,13 @@ class Stage(NamedTuple):
     outputs: tuple[str, ...] = ()  # what it leaves for later stages (besides metrics.json): the stage contract
     settings: tuple[str, ...] = ()  # the profile's sections (and fields) its outputs depend on
 
+    def function(self):
+        """The stage's ``run``, imported from its module (by name: this table sits below the stages it lists)."""
+        import importlib
+
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
+
     def how(self, profile: str) -> str:
         """The command that makes this stage's outputs, for a "run this first" message."""
         command = f"jpsdxl {self.command}" if self.command else f"jpsdxl run --only {self.folder[:2]}"
@@ -173,9 +180,9 @@ def settings_hash(profile, stage: str, **effective) -> str:
 
 def settings_changed(profile, stage: str) -> bool:
     """Were ``stage``'s outputs for ``profile`` made with other settings than the profile holds now (or with an
-    override, such as ``jpsdxl distill --steps``)? What a re-run of every stage (the all-stages notebook) asks."""
-    entry = _recorded(require(profile, stage), stage, profile.name)
-    return entry["made_from"].get("settings") != settings_hash(profile, stage)
+    override, such as ``jpsdxl distill --steps``)? What a re-run of every stage (the all-stages notebook) asks; like
+    ``require``, it raises when the outputs are missing or stale."""
+    return _checked(profile, stage)[1]["made_from"].get("settings") != settings_hash(profile, stage)
 
 
 def record(folder: str | Path, stage: str, made_from: dict[str, Any]) -> dict:
@@ -206,13 +213,18 @@ def _recorded(folder: Path, stage: str, profile: str) -> dict:
 
 def outputs_hash(profile, stage: str) -> str:
     """The content hash of ``stage``'s outputs as ``require`` found them: what a later stage records it read."""
-    return _recorded(require(profile, stage), stage, getattr(profile, "name", profile))["outputs"]
+    return _checked(profile, stage)[1]["outputs"]
 
 
 def require(profile, stage: str, *names: str) -> Path:
     """The folder of ``stage``'s outputs, checked: ``names`` (default: all it declares) are there, they are what the
     stage recorded, and every earlier stage they were made from still holds the same outputs. Else one error naming
     what to run."""
+    return _checked(profile, stage, *names)[0]
+
+
+def _checked(profile, stage: str, *names: str) -> tuple[Path, dict]:
+    """(folder, record) of ``stage``'s outputs after ``require``'s checks: the one place they are made."""
     name, s = getattr(profile, "name", profile), STAGES[stage]
     folder = stage_dir(profile, stage, create=False)
     missing = [n for n in names or s.outputs if not (folder / n).exists()]
@@ -224,7 +236,7 @@ def require(profile, stage: str, *names: str) -> Path:
             raise StaleStageOutput(
                 f"{folder} was made from other {earlier} outputs than {stage_dir(profile, earlier, create=False)} "
                 f"holds now: run {s.how(name)} again")
-    return folder
+    return folder, entry
 
 
 def _alive(pid: int) -> bool:

@@ -42,20 +42,18 @@ def setup(repo: str = "/content/jpsdxl", drive: bool = True, runs: str = "/conte
 def run_stage(profile, stage: str, **options) -> bool:
     """Stage ``stage`` of the table (``runs.STAGES``) by its ``run``, unless ``runs.require`` accepts the outputs
     already in its folder (made from what is there now) and they were made with the profile's settings: then they
-    are kept and nothing is repeated. Returns whether it ran. A stage cut off midway runs again: ``distill`` continues from its newest checkpoint (``distill.resume``)."""
-    import importlib
-
-    from ..core.runs import STAGES, StageOutputMissing, StaleStageOutput, require, settings_changed
+    are kept and nothing is repeated. Returns whether it ran. A stage cut off midway runs again: ``distill`` continues
+    from its newest checkpoint (``distill.resume``)."""
+    from ..core.runs import STAGES, StageOutputMissing, StaleStageOutput, settings_changed, stage_dir
 
     try:
         if not settings_changed(profile, stage):
-            print(f"{stage}: current, kept ({require(profile, stage)})")
+            print(f"{stage}: current, kept ({stage_dir(profile, stage, create=False)})")
             return False
         print(f"{stage}: running (its outputs were made with other settings than profile {profile.name!r} holds)")
     except (StageOutputMissing, StaleStageOutput) as why:
         print(f"{stage}: running ({str(why).split(': run ')[0]})")
-    module, _, function = STAGES[stage].run.partition(":")
-    getattr(importlib.import_module(module), function)(profile, **options)
+    STAGES[stage].function()(profile, **options)
     return True
 
 

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import torch
 
-from ..generation import _generators, apply_memory_option, batched, generate, MEMORY_OPTIONS
+from ..generation import _generators, apply_memory_option, generate, MEMORY_OPTIONS
 from ..shapes.world import EVAL_SEEDS, score
 from ..targets import centred_cosines, matched_and_mismatched
 
@@ -29,14 +29,14 @@ def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str
     default to ones the training never used. Prompts go through in batches of ``generate.batch_size``. Returns
     (scores, images ``[seeds, prompts, H, W, 3]`` uint8).
     """
-    images = []
-    for seed in seeds:
-        out = np.concatenate([generate(profile, base, refiner, part, refine=refine, seed=seed, output_type="np",
-                                       **overrides)[0] for part in batched(prompts, profile.generate.batch_size)])
-        images.append((out * 255).round().clip(0, 255).astype(np.uint8))
-    images = np.stack(images)
+    images = np.stack([_uint8(generate(profile, base, refiner, prompts, refine=refine, seed=seed, output_type="np",
+                                       **overrides)[0]) for seed in seeds])
     return score(images.reshape(-1, *images.shape[2:]), list(targets) * len(seeds)), images
 
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    """A pipeline's ``output_type="np"`` images (floats in [0, 1]) as the 8-bit pixels the judge and CLIP read."""
+    return (images * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def breakdown(images: np.ndarray, targets: list[tuple[str, str]], groups: list[str]) -> dict[str, dict]:
@@ -99,10 +99,8 @@ def stage_seconds(profile, base, refiner, prompts, **overrides) -> dict:
 def final_latents(profile, pipelines, prompts, seeds=(0, 1)) -> torch.Tensor:
     """``[seeds, prompts, C*H*W]``: the refiner's final latents for each prompt and seed (float32, CPU)."""
     base, refiner = pipelines
-    out = [torch.cat([torch.as_tensor(generate(profile, base, refiner, part, seed=s, output_type="latent")[0])
-                      .float().flatten(1).cpu() for part in batched(prompts, profile.generate.batch_size)])
-           for s in seeds]
-    return torch.stack(out)
+    return torch.stack([torch.as_tensor(generate(profile, base, refiner, prompts, seed=s, output_type="latent")[0])
+                        .float().flatten(1).cpu() for s in seeds])
 
 
 def agreement(japanese: torch.Tensor, english: torch.Tensor) -> dict:
@@ -151,14 +149,15 @@ def clip_score(images, prompts, clip: tuple) -> torch.Tensor:
 
 def clip_scores(profile, images_by_model: dict, prompts) -> dict:
     """Mean CLIP score per model of images ``[seeds, prompts, H, W, 3]`` (uint8) against ``prompts`` (the English
-    ones: CLIP reads English), with ``generate.clip_model`` (loaded once for all models); profiles without one
-    (``tiny``) get an empty dict."""
+    ones: CLIP reads English), with ``generate.clip_model`` (loaded once for all models; batches of
+    ``generate.batch_size``); profiles without one (``tiny``) get an empty dict."""
     model = profile.generate.clip_model
     if not model:
         print(f"profile {profile.name!r} sets no generate.clip_model: no CLIP score (full uses ViT-L-14/openai).")
         return {}
     clip = load_clip(model, profile.torch_device())
-    return {name: float(clip_score(images.reshape(-1, *images.shape[2:]), list(prompts) * images.shape[0], clip).mean())
+    return {name: float(clip_per_image(profile, images.reshape(-1, *images.shape[2:]), list(prompts) * images.shape[0],
+                                       clip).mean())
             for name, images in images_by_model.items()}
 
 
@@ -193,8 +192,8 @@ def real_prompts(profile, models: dict, folder, prompts: list | None = None) -> 
     the Japanese), and each image gets its CLIP score against the English prompt. Each model's scores and demo images
     are saved in ``folder`` as it finishes (a cut-off runtime continues at the next model) and reused while the
     prompts, settings and stage outputs they were made from are the same. Returns {"prompts", "scores": {model:
-    [n]}, "demo": {model: images}, "drawn": the models drawn now}; ``{}`` where the profile draws the shapes world (its judge measures it) or names
-    no CLIP model."""
+    [n]}, "demo": {model: images}, "drawn": the models drawn now}; ``{}`` where the profile draws the shapes world
+    (its judge measures it) or names no CLIP model."""
     import hashlib
     import json
     from dataclasses import asdict
@@ -223,8 +222,8 @@ def real_prompts(profile, models: dict, folder, prompts: list | None = None) -> 
         else:
             english = name.startswith("English")
             base, refiner = models[name]()
-            images = generate(profile, base, refiner, [p.en if english else p.ja for p in prompts], output_type="np")[0]
-            images = (images * 255).round().clip(0, 255).astype(np.uint8)
+            images = _uint8(generate(profile, base, refiner, [p.en if english else p.ja for p in prompts],
+                                     output_type="np")[0])
             del base, refiner
             clip = clip or load_clip(profile.generate.clip_model, profile.torch_device())
             scores = clip_per_image(profile, images, [p.en for p in prompts], clip)
