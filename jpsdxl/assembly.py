@@ -165,30 +165,53 @@ def check_text_parts(folder: str | Path, what: str = "--model") -> None:
                              f"one stage-3 folder (notebook 04, assembly.assemble), or give the matching tokenizer")
 
 
-def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None,
-                   offload: bool = False, share=None):
-    """(base, refiner) from an ``assemble`` folder, or from a ``JapaneseModel`` (``japanese_model``): plain
-    diffusers. The weights variant is used only where the folder has it.
-
-    ``offload``: model CPU offload *instead of* moving the pipelines to ``device`` (moving first would hold every
-    component on the GPU at once); ``device=None`` leaves them where they load (for ``generation.place``).
-    ``share``: the English (base, refiner) whose UNets, VAE and scheduler to reuse, so that only the text parts load
-    (one UNet pair resident however many models are compared)."""
+def from_pretrained_pair(base_dir: str | Path, refiner_dir: str | Path, dtype=torch.float32, variant: str | None = None,
+                         progress: bool = False, **base_parts):
+    """The one way a (base, refiner) pair is loaded: diffusers' ``from_pretrained`` on two folders, the refiner sharing
+    the base's ``text_encoder_2``, ``tokenizer_2`` and VAE; ``base_parts``: components given instead of loaded."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
+    with quiet_hf_progress(progress):  # loading bars are noise in notebooks; keep them for big models
+        base = StableDiffusionXLPipeline.from_pretrained(str(base_dir), dtype=dtype, variant=variant, **base_parts)
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            str(refiner_dir), dtype=dtype, variant=variant, text_encoder_2=base.text_encoder_2,
+            tokenizer_2=base.tokenizer_2, vae=base.vae)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=not progress)
+    return base, refiner
+
+
+def text_parts(folder: str | Path, variant: str | None = None, dtype=None) -> tuple:
+    """(text_encoder, text_encoder_2, tokenizer, tokenizer_2) from a folder holding the four (stage 3's outputs, an
+    assembled or published ``base``), in eval mode, in ``dtype`` (default: transformers' own):
+    what a Japanese model brings to pipelines whose UNets it shares."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tokenization import tokenizer_pair
+
+    folder = students_folder(folder)
+    variant = variant if has_variant(folder, variant) else None
+    with quiet_hf_progress():
+        kw = {"variant": variant} | ({"dtype": dtype} if dtype is not None else {})
+        te, te_2 = (cls.from_pretrained(folder / name, **kw).eval() for cls, name in
+                    ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")))
+    tok, tok_2 = tokenizer_pair(folder)
+    for tok_, te_ in ((tok, te), (tok_2, te_2)):  # a tokenizer saved with its language model's length (LINE's: 2048)
+        tok_.model_max_length = min(tok_.model_max_length, te_.config.max_position_embeddings)  # pads to that
+    return te, te_2, tok, tok_2
+
+
+def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None,
+                   offload: bool = False):
+    """(base, refiner) from an ``assemble`` folder, or from a ``JapaneseModel`` (``japanese_model``): plain
+    diffusers. The weights variant is used only where the folder has it. ``offload``: model CPU offload *instead of*
+    moving the pipelines to ``device`` (moving first would hold every part on the GPU at once); ``device=None``
+    leaves them where they load (for ``generation.place``)."""
     if isinstance(folder, JapaneseModel):
         base_dir, refiner_dir, variant = folder.base, folder.refiner, folder.variant or variant
     else:
         base_dir, refiner_dir = Path(folder) / "base", Path(folder) / "refiner"
-    variant = variant if has_variant(base_dir, variant) else None
-    reuse = ({}, {}) if share is None else (
-        {"unet": share[0].unet, "vae": share[0].vae, "scheduler": share[0].scheduler},
-        {"unet": share[1].unet, "scheduler": share[1].scheduler})
-    with quiet_hf_progress():
-        base = StableDiffusionXLPipeline.from_pretrained(str(base_dir), dtype=dtype, variant=variant, **reuse[0])
-        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-            str(refiner_dir), dtype=dtype, variant=variant, text_encoder_2=base.text_encoder_2,
-            tokenizer_2=base.tokenizer_2, vae=base.vae, **reuse[1])
+    base, refiner = from_pretrained_pair(base_dir, refiner_dir, dtype, variant if has_variant(base_dir, variant) else None)
     for tok, te in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
         if tok is not None and te is not None:  # a tokenizer saved with its language model's length (LINE's: 2048)
             tok.model_max_length = min(tok.model_max_length, te.config.max_position_embeddings)  # pads to that
@@ -197,7 +220,6 @@ def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, devi
             pipe.enable_model_cpu_offload(device=device)
         elif device is not None:
             pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
     return base, refiner
 
 

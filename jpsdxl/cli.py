@@ -1,9 +1,6 @@
-"""``jpsdxl``: the command line. ``jpsdxl run --profile tiny`` executes the whole tutorial.
-
-One sub-command per row of the stage table (``core.runs.STAGES``: ``tokenizer``, ``init``, ``distill``,
-``generate``), each the stage's ``run``; and ``run`` (the notebooks, in order, by papermill), ``rehearse``,
-``prepare`` (fetch data and models, stages 1-2 ahead of a workshop), ``train-shapes``, ``env``, ``profiles``.
-Several GPUs: ``accelerate launch -m jpsdxl.cli distill``.
+"""``jpsdxl``: the command line; ``jpsdxl run --profile tiny`` executes the whole tutorial. One sub-command per row of
+the stage table (``core.runs.STAGES``), each the stage's ``run``; and ``run``, ``rehearse``, ``prepare`` (fetch ahead
+of a workshop), ``train-shapes``, ``env``, ``profiles``. Several GPUs: ``accelerate launch -m jpsdxl.cli distill``.
 """
 
 from __future__ import annotations

@@ -58,12 +58,6 @@ class HeldOut:
             metrics["empty_prompt_loss"] = float(sum(loss_terms(out[n:], self.teacher_empty).values()))
         return metrics
 
-    def subset(self, n: int) -> "HeldOut":
-        """The first ``n`` held-out pairs (all of them if there are fewer): cheaper evaluations, the same teacher
-        mean, for runs that evaluate often."""
-        if n >= len(self.ja):
-            return self
-        return HeldOut(self.ja[:n], self.en[:n], self.teacher[:n], self.teacher_mean, self.teacher_empty)
 
 
 # -----------------------------------------------------------------------------
@@ -500,6 +494,18 @@ class Setup:
         return TrainingPairs(self.splits.train, self.extra_pairs, share,
                              self.profile.seed if seed is None else seed, self.splits.report, empty_share)
 
+    def validation(self, n: int) -> HeldOut:
+        """The first ``n`` pairs of the validation split (``data.valid_fraction``), with the held-out set's teacher
+        mean: what runs that choose a setting are scored on, so that the test pairs only ever report results."""
+        from .data import DataError, take
+
+        pairs = take(self.splits.valid, n)
+        if len(pairs) < 2:  # the metrics compare pairs with each other: two at least
+            raise DataError(f"{self.profile.data.pairs}: the validation split has {len(pairs)} pair(s) "
+                            f"(data.valid_fraction = {self.profile.data.valid_fraction}): raise it, or give more pairs.")
+        ja, en = [p[0] for p in pairs], [p[1] for p in pairs]
+        return HeldOut(ja, en, self.teachers.encode(en), self.held_out.teacher_mean, self.held_out.teacher_empty)
+
 
 def prepare(profile, reference_sentences: int = 5000) -> Setup:
     """Load what ``distil`` needs for ``profile``: the held-out set is ``distill.eval_pairs`` test pairs, the
@@ -610,7 +616,7 @@ def compare(setup: Setup, variants: dict[str, dict], steps: int, seeds: int | No
     shows how much of a difference between variants is luck.
 
     Each run is evaluated ``points`` times along the way (and at step 0), on the first ``distill.compare_eval_pairs``
-    held-out pairs (cheaper evaluations, often enough to draw a curve). The warm-up is scaled to the budget (the same
+    pairs of the validation split (these runs choose settings: the test pairs stay for the results). The warm-up is scaled to the budget (the same
     share of it as in the profile's run), so a short run is not mostly warm-up. The runs keep their logs and metrics,
     not their students (freed as each run ends)."""
     import dataclasses
@@ -618,7 +624,7 @@ def compare(setup: Setup, variants: dict[str, dict], steps: int, seeds: int | No
     from tqdm.auto import tqdm
 
     p, cfg = setup.profile, setup.profile.distill
-    on = dataclasses.replace(setup, held_out=setup.held_out.subset(cfg.compare_eval_pairs or cfg.eval_pairs))
+    on = dataclasses.replace(setup, held_out=setup.validation(cfg.compare_eval_pairs or cfg.eval_pairs))
     common = {"steps": steps, "warmup_steps": round(cfg.warmup_steps * steps / cfg.steps),
               "eval_every": max(1, steps // points)}
     todo = [(name, seed) for name in variants for seed in range(p.seed, p.seed + (seeds or cfg.compare_seeds))]

@@ -22,7 +22,9 @@ def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=No
     pipelines: the refiner gets the base's ``text_encoder_2``, ``tokenizer_2`` and VAE. Hub pipelines are fetched
     and loaded in the profile's weights variant (``models.variant``, e.g. fp16), and nothing else.
     """
-    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
+
+    from .assembly import from_pretrained_pair
 
     profile.check_device()  # before anything large is built or downloaded
     dtype, m = profile.torch_dtype(), profile.models
@@ -31,18 +33,11 @@ def load_pipelines(profile, text_encoder=None, text_encoder_2=None, tokenizer=No
     swap = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in swap.items()}
     # resolve everything first: offline, one message names every missing model before anything loads
     folders = resolve_profile(profile, PIPELINE_ROLES)
-    with quiet_hf_progress(progress):  # loading bars are noise in notebooks; keep them for big models
-        if "VAE" in folders:
+    if "VAE" in folders:
+        with quiet_hf_progress(progress):
             swap["vae"] = AutoencoderKL.from_pretrained(folders["VAE"], dtype=dtype)
-        variant = {"variant": m.variant} if m.variant else {}
-        base = StableDiffusionXLPipeline.from_pretrained(folders["SDXL base"], dtype=dtype, **variant, **swap)
-        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-            folders["SDXL refiner"], dtype=dtype, **variant,
-            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae)
-    place(profile, base, refiner)
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=not progress)
-    return base, refiner
+    pair = from_pretrained_pair(folders["SDXL base"], folders["SDXL refiner"], dtype, m.variant, progress, **swap)
+    return place(profile, *pair)
 
 
 def place(profile, base, refiner):
@@ -108,7 +103,7 @@ def compared_models(profile, students_dir: str | Path, model_dir: str | Path, en
     shapes, 1.6 GB in fp16 each; five at once do not fit Colab's host RAM beside the UNets)."""
     import sys
 
-    from .assembly import japanese_model, load_assembled
+    from .assembly import japanese_model, text_parts
     from .core.hub import ModelNotAvailable
     from .distillation import Teachers, make_students
     from .embedding_init import stage_mapping
@@ -125,15 +120,16 @@ def compared_models(profile, students_dir: str | Path, model_dir: str | Path, en
             return place(profile, *with_text_parts(english, s.text_encoder.eval(), s.text_encoder_2.eval(), tok, tok_2))
         return load
 
-    def folder(model):
-        return lambda: place(profile, *load_assembled(model, profile.torch_dtype(), device=None, share=english))
+    def folder(base_dir, variant=None):  # an assembled or published model: the text parts of its base folder
+        return lambda: place(profile, *with_text_parts(english, *text_parts(base_dir, variant, profile.torch_dtype())))
 
     loaders = {"English (original)": lambda: place(profile, *english),
                "untrained (mean rows)": copies("mean", None), "init only (similarity)": copies("similarity", mapping),
-               "distilled": folder(model_dir)}
+               "distilled": folder(Path(model_dir) / "base")}
     if profile.models.published:
         try:  # found (or fetched) now: a model that cannot be had is left out before anything is drawn
-            loaders["SD-XL 1.0-jp (published)"] = folder(japanese_model(profile, profile.models.published))
+            published = japanese_model(profile, profile.models.published)
+            loaders["SD-XL 1.0-jp (published)"] = folder(published.base, published.variant)
         except ModelNotAvailable as e:
             print(f"{profile.models.published} is left out of the comparison: {str(e).splitlines()[0]}",
                   file=sys.stderr)
@@ -143,17 +139,9 @@ def compared_models(profile, students_dir: str | Path, model_dir: str | Path, en
 def with_students(english, students_dir: str | Path):
     """(base, refiner) that read prompts through a stage-3 output folder's encoders and tokenizers (``save_students``
     layout) and share ``english``'s UNets, VAE and scheduler: nothing is assembled on disk."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from .assembly import text_parts
 
-    from .assembly import students_folder
-    from .tokenization import tokenizer_pair
-
-    folder = students_folder(students_dir)
-    with quiet_hf_progress():
-        te = CLIPTextModel.from_pretrained(folder / "text_encoder")
-        te_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
-    tok, tok_2 = tokenizer_pair(folder)
-    return with_text_parts(english, te.eval(), te_2.eval(), tok, tok_2)
+    return with_text_parts(english, *text_parts(students_dir))
 
 
 def _settings(pipe) -> dict:
@@ -167,19 +155,21 @@ def _settings(pipe) -> dict:
 
 @torch.no_grad()
 def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidance_scale: float,
-              high_noise_frac: float, height: int, width: int, seed: int = 0, output_type: str = "pil"):
+              high_noise_frac: float, height: int, width: int, seed: int = 0, output_type: str = "pil",
+              callbacks=(None, None)):
     """Base until ``high_noise_frac`` of the schedule, hand the latents over, refiner to the end.
 
-    Returns the refiner's images (PIL by default) and the hand-off latents.
+    Returns the refiner's images (PIL by default) and the hand-off latents. ``callbacks``: diffusers'
+    ``callback_on_step_end`` for the base and for the refiner (to watch the latents as they are denoised).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     make = lambda: _generators(prompts, seed)  # noqa: E731
     latents = base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
                    guidance_scale=guidance_scale, denoising_end=high_noise_frac, height=height, width=width,
-                   generator=make(), output_type="latent").images
+                   generator=make(), output_type="latent", callback_on_step_end=callbacks[0]).images
     images = refiner(prompt=prompts, negative_prompt=negative_prompt, image=latents, num_inference_steps=steps,
                      guidance_scale=guidance_scale, denoising_start=high_noise_frac, generator=make(),
-                     output_type=output_type).images
+                     output_type=output_type, callback_on_step_end=callbacks[1]).images
     return images, latents
 
 

@@ -134,7 +134,8 @@ LAYERS = [
     ["jpsdxl.assembly"],  # stage 4's model folders
     ["jpsdxl.generation"],  # stage 4
     ["jpsdxl.shapes.training", "jpsdxl.notebook", "jpsdxl.notebook.overview", "jpsdxl.notebook.tables",
-     "jpsdxl.notebook.measure", "jpsdxl.notebook.costs", "jpsdxl.notebook.plotting", "jpsdxl.notebook.colab"],
+     "jpsdxl.notebook.measure", "jpsdxl.notebook.costs", "jpsdxl.notebook.plotting", "jpsdxl.notebook.colab",
+     "jpsdxl.notebook.claims"],
     ["jpsdxl.runner", "jpsdxl.rehearsal", "jpsdxl.cli"],
 ]
 
@@ -187,6 +188,13 @@ def test_nothing_cites_files_outside_the_repository():
 
 
 STAGE_MODULES = ["tokenization", "embedding_init", "distillation", "checkpoints", "generation", "assembly"]
+
+
+def test_every_module_says_what_it_is_in_five_lines_or_fewer():
+    """A newcomer reads what a file is and is not at its top; a package's ``__init__`` is its map, and may be longer."""
+    long = [str(p.relative_to(ROOT)) for p in (ROOT / "jpsdxl").rglob("*.py") if p.name != "__init__.py"
+            and not 0 < len((ast.get_docstring(ast.parse(p.read_text())) or "").splitlines()) <= 5]
+    assert not long, long
 
 
 def test_no_function_in_a_stage_module_is_over_60_lines():

@@ -66,6 +66,26 @@ def test_each_stage_runs_its_share_of_the_schedule(tiny, pipelines, monkeypatch,
     assert (len(base_calls), len(refiner_calls)) == (base_steps, steps - base_steps)
 
 
+def test_the_denoising_snapshots_follow_the_schedule_and_end_on_the_generated_image(tiny, pipelines):
+    """Snapshots spread over the steps, the base's first, always with the hand-off; the last is the image
+    ``generate`` draws, and the first (one step from pure noise) is far from it."""
+    shots = measure.denoising_snapshots(tiny, *pipelines, "a red circle", count=4)
+    g = tiny.generate
+    base_steps = round(g.steps * g.high_noise_frac)
+    labels = [label.split()[:2] for label, _ in shots]
+    assert labels[0] == ["base", "1"] and ["base", str(base_steps)] in labels
+    assert labels[-1] == ["refiner", str(g.steps - base_steps)] and 4 <= len(shots) <= 5
+    final, _ = generation.generate(tiny, *pipelines, "a red circle", output_type="np")
+    assert np.array_equal(shots[-1][1], final[0]) and not np.allclose(shots[0][1], final[0], atol=0.05)
+    assert all(image.shape == final[0].shape for _, image in shots)
+
+
+def test_the_stage_clock_times_one_batch_in_two_parts(tiny, pipelines):
+    timing = measure.stage_seconds(tiny, *pipelines, ["a cat"] * 5)
+    assert timing["images"] == min(5, tiny.generate.batch_size)
+    assert timing["base_seconds"] > 0 and timing["refiner_seconds"] > 0
+
+
 def test_base_alone_runs_every_step_and_no_refiner(tiny, pipelines, monkeypatch):
     base, refiner = pipelines
     base_calls, refiner_calls = _count_calls(monkeypatch, base.unet), _count_calls(monkeypatch, refiner.unet)
@@ -235,3 +255,14 @@ def test_the_clip_ratio_is_a_ratio_of_means_with_a_paired_bootstrap_interval():
     assert list(ratios) == ["distilled"] and list(ratios["distilled"]) == ["all", "animals", "food"]
     assert ratios["distilled"]["animals"]["ratio"] == pytest.approx(0.5)
     assert ratios["distilled"]["food"]["ratio"] == pytest.approx(1.0) and ratios["distilled"]["animals"]["n"] == 10
+
+
+def test_rates_carry_their_count_and_wilson_interval():
+    """Wilson's 95 % interval against published values (4 of 9: 18.9-73.3 %), inside [0, 1] at the ends, and the
+    rate as the notebooks print it."""
+    from jpsdxl.notebook import tables
+
+    low, high = measure.wilson(4, 9)
+    assert round(low, 3) == 0.189 and round(high, 3) == 0.733
+    assert measure.wilson(0, 10)[0] == 0.0 and measure.wilson(10, 10)[1] == 1.0 and measure.wilson(0, 0) == (0.0, 1.0)
+    assert tables.rate(26 / 45, 45) == "58% (26/45; 43%-71%)"

@@ -39,6 +39,22 @@ def test_judged_grid_frames_each_image_by_the_judges_marks():
     plt.close(fig)
 
 
+def test_judged_grid_puts_each_kind_of_prompt_in_its_own_labelled_panel():
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from jpsdxl.notebook.plotting import judged_grid
+
+    images = {"m": np.zeros((3, 8, 8, 3), np.uint8)}
+    marks = {"m": [(True, True), (False, False), (True, True)]}
+    fig = judged_grid(images, marks, ["p0", "p1", "p2"], groups=["new", "old", "new"])
+    assert [sub.get_suptitle() for sub in fig.subfigs] == ["new (2 captions)", "old (1 caption)"]
+    first, second = ([ax for ax in sub.axes if ax.axison] for sub in fig.subfigs)
+    assert [ax.get_title() for ax in first] == ["p0", "p2"] and [ax.get_title() for ax in second] == ["p1"]
+    assert first[0].get_ylabel() == "m\n2/2" and second[0].get_ylabel() == "m\n0/1"
+    plt.close(fig)
+
+
 def test_training_curves_draw_the_seeds_mean_and_shade_their_range():
     import matplotlib.pyplot as plt
 

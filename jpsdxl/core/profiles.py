@@ -47,8 +47,8 @@ class DataConfig:
     pairs: str = "tatoeba"  # "tatoeba" | a .tsv/.jsonl file | "hf:<dataset id or folder>"
     ja_field: str = "ja"  # column/field names for jsonl and datasets sources
     en_field: str = "en"
-    valid_fraction: float = 0.01
-    test_fraction: float = 0.01
+    valid_fraction: float = 0.01  # the validation split: what stage 3's comparisons, which choose settings, score on
+    test_fraction: float = 0.01  # the test split: the held-out results every stage reports
     max_pairs: int | None = None  # cap on pairs read (None: all)
     streaming: bool = False  # datasets sources: stream instead of downloading everything
 
@@ -110,7 +110,7 @@ class DistillConfig:
     #                       goes on where a cut-off runtime stopped); `jpsdxl distill` always resumes unless --fresh
     compare_steps: int | None = None  # notebook 03's comparisons (inits, alternative); None: steps
     compare_seeds: int = 1  # runs per variant in those comparisons (seeds from the profile's seed up)
-    compare_eval_pairs: int | None = None  # held-out pairs their frequent evaluations use (None: eval_pairs)
+    compare_eval_pairs: int | None = None  # validation pairs their frequent evaluations use (None: eval_pairs)
 
 
 @dataclass(frozen=True)

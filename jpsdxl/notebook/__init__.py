@@ -5,6 +5,7 @@
     measure.py    notebooks 00 and 04: judged generation, sentence agreement, CLIP score, time and memory
     costs.py      notebook 03: FLOPs per pair, hours for the card's 41.4M pairs at a measured rate
     plotting.py   Japanese fonts, image grids, training curves
+    claims.py     each reading's claims, checked beside its text and saved with the metrics
     colab.py      each notebook's Colab setup: install, and keep runs/ on Google Drive
 
 Nothing in the four stages imports from here.

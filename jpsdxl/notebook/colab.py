@@ -1,10 +1,6 @@
-"""Colab's setup, in one place: install the tutorial into Colab's own Python and keep ``runs/`` on Google Drive;
-run each stage unless its outputs are current (the all-stages notebook); the repository's address in its copies.
-
-Each notebook's first code cell clones the repository on Colab and calls ``setup()``; on any other machine it does
-nothing (``make tutorial`` installs there). Only the core and the ``gpu`` extra are installed: Colab's own Jupyter
-stays as it is. With Google Drive, every stage's outputs survive the runtime, so notebook 03 can resume and 04 finds
-03's encoders in a later session (``JPSDXL_RUNS``).
+"""Colab's setup, in one place: install the core and the ``gpu`` extra into Colab's own Python (its Jupyter left as
+it is) and keep ``runs/`` on Google Drive, so stages resume across runtimes; run each stage unless its outputs are
+current (the all-stages notebook); the repository's address in its copies. Elsewhere ``setup()`` does nothing.
 """
 
 from __future__ import annotations

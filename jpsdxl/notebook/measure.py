@@ -12,7 +12,7 @@ import re
 import numpy as np
 import torch
 
-from ..generation import _generators, apply_memory_option, generate, MEMORY_OPTIONS
+from ..generation import apply_memory_option, generate, MEMORY_OPTIONS
 from ..shapes.world import EVAL_SEEDS, score
 from ..targets import centred_cosines, matched_and_mismatched
 
@@ -37,6 +37,30 @@ def evaluate(profile, base, refiner, prompts: list[str], targets: list[tuple[str
 def _uint8(images: np.ndarray) -> np.ndarray:
     """A pipeline's ``output_type="np"`` images (floats in [0, 1]) as the 8-bit pixels the judge and CLIP read."""
     return (images * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def denoising_snapshots(profile, base, refiner, prompt: str, count: int = 8) -> list[tuple[str, np.ndarray]]:
+    """The two-stage schedule watched: (label, image) after ``count`` of the denoising steps, evenly spread, always
+    with the base's last (the hand-off) and the final image (the one ``generate`` returns); each latent decoded by
+    the VAE as the final one is, one at a time (at 1024² a decode is the costly part)."""
+    seen = []
+
+    def keep(stage):
+        def callback(pipe, step, timestep, kwargs):
+            seen.append((f"{stage} {step + 1}\nt={int(timestep)}", kwargs["latents"].detach().clone()))
+            return kwargs
+        return callback
+
+    images, _ = generate(profile, base, refiner, prompt, output_type="np", callbacks=(keep("base"), keep("refiner")))
+    hand_off = max(i for i, (label, _) in enumerate(seen) if label.startswith("base"))
+    chosen = sorted({*np.linspace(0, len(seen) - 1, count).round().astype(int).tolist(), hand_off})
+    out, vae = [], base.vae
+    for i in chosen[:-1]:
+        label, latents = seen[i]
+        with torch.no_grad():
+            decoded = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+        out.append((label, base.image_processor.postprocess(decoded, output_type="np")[0]))
+    return out + [(seen[-1][0], images[0])]
 
 
 def breakdown(images: np.ndarray, targets: list[tuple[str, str]], groups: list[str]) -> dict[str, dict]:
@@ -75,25 +99,25 @@ def memory_by_option(profile, base, refiner, prompt: str) -> list[dict]:
 
 
 def stage_seconds(profile, base, refiner, prompts, **overrides) -> dict:
-    """Wall-clock seconds of the base stage and of the refiner stage for one batch: the first
-    ``generate.batch_size`` of ``prompts``."""
+    """Wall-clock seconds of the base stage and of the refiner stage for one batch (the first
+    ``generate.batch_size`` of ``prompts``): ``generate``, with the clock read at the base's last step."""
     import time
 
-    g = profile.generate
-    prompts = list(prompts)[:g.batch_size]
-    kw = dict(num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height, width=g.width) | overrides
+    prompts = list(prompts)[:profile.generate.batch_size]
     sync = torch.cuda.synchronize if profile.torch_device().type == "cuda" else (lambda: None)
+    base_done = []
+
+    def mark(pipe, step, timestep, kwargs):
+        sync()
+        base_done.append(time.perf_counter())
+        return kwargs
+
     sync()
-    t0 = time.perf_counter()
-    latents = base(prompt=prompts, denoising_end=g.high_noise_frac, output_type="latent",
-                   generator=_generators(prompts, profile.seed), **kw).images
+    start = time.perf_counter()
+    generate(profile, base, refiner, prompts, callbacks=(mark, None), **overrides)
     sync()
-    t1 = time.perf_counter()
-    refiner(prompt=prompts, image=latents, denoising_start=g.high_noise_frac, generator=_generators(prompts, profile.seed),
-            **kw)
-    sync()
-    t2 = time.perf_counter()
-    return {"base_seconds": t1 - t0, "refiner_seconds": t2 - t1, "images": len(prompts)}
+    return {"base_seconds": base_done[-1] - start, "refiner_seconds": time.perf_counter() - base_done[-1],
+            "images": len(prompts)}
 
 
 def final_latents(profile, pipelines, prompts, seeds=(0, 1)) -> torch.Tensor:
@@ -238,6 +262,19 @@ def real_prompts(profile, models: dict, folder, prompts: list | None = None) -> 
 def _key(saved) -> str:
     with np.load(saved) as found:
         return str(found["key"])
+
+
+def wilson(hits: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval for a rate of ``hits`` in ``n``: unlike rate ± 1.96·SE it stays inside [0, 1] and
+    is honest for small ``n`` and for rates near 0 or 1 (4 of 9 images: 19-73 %)."""
+    from statistics import NormalDist
+
+    if n == 0:
+        return 0.0, 1.0
+    z, p = NormalDist().inv_cdf((1 + level) / 2), hits / n
+    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    low, high = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return (0.0 if hits == 0 else low), (1.0 if hits == n else high)  # exact at the ends, not -0 % by rounding
 
 
 def bootstrap_ratio(scores: np.ndarray, english: np.ndarray, draws: int = 2000, level: float = 0.95,

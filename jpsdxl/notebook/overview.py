@@ -1,9 +1,5 @@
-"""Notebook 00's helpers: the environment check, SDXL's conditioning read off real configs, and a diagram.
-
-The widths in the diagram are read from the model folders the profile resolves to (configs only, nothing is
-loaded into memory), so the tiny zoo and the real SDXL draw their own numbers.
-
-This file holds no recipe logic; each stage has its own module (see NOTEBOOKS below).
+"""Notebook 00's helpers: the environment check, SDXL's conditioning read off the profile's model configs (nothing
+loaded: the tiny zoo and the real SDXL draw their own widths), the diagram, parameter counts. No recipe logic.
 """
 
 from __future__ import annotations

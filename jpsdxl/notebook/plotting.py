@@ -1,11 +1,7 @@
-"""Plots with readable Japanese, and small display helpers for the notebooks.
-
-Matplotlib's default font has no Japanese glyphs, so labels come out as tofu boxes (□□□). We register
-IPAexGothic, which the ``matplotlib-fontja`` package ships inside its wheel (IPA Font License): it works offline,
-in CI and on Colab alike, with no system font install. We do not ``import matplotlib_fontja`` (it restyles
-matplotlib as an import side effect); we only locate its font file.
-
-This file computes nothing that a test should trust: measurements live in the stage modules.
+"""Plots with readable Japanese, and small display helpers for the notebooks; nothing here is a measurement.
+Matplotlib's default font has no Japanese glyphs (tofu boxes □□□), so we register IPAexGothic from the
+``matplotlib-fontja`` wheel (offline, CI and Colab alike), locating its file without importing the package, which
+would restyle matplotlib as a side effect.
 """
 
 from __future__ import annotations
@@ -94,31 +90,42 @@ def demo_grid(real: dict, scale: float = 2.2):
 
 
 def judged_grid(images: dict, marks: dict[str, list[tuple[bool, bool]]], titles: list[str],
-                scale: float = 0.8):
-    """Rows of images, one row per model (``images[name]``: ``[prompts, H, W, 3]``), one column per prompt, each
-    framed by what the judge found (``marks[name]``: (right colour, right shape) per image, from
-    ``shapes.marks``): green both right, orange one of the two, red neither."""
+                groups: list[str] | None = None, scale: float = 0.85):
+    """One panel per group of prompts (``groups``: a label per prompt, e.g. ``shapes.held_out_kinds()``), in it
+    one row per model (``images[name]``: ``[prompts, H, W, 3]``) and one column per prompt, each image framed by what
+    the judge found (``marks[name]``: (right colour, right shape) per image, from ``shapes.marks``): green both right,
+    orange one of the two, red neither. Each row says how many of its panel's images are right."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     frame = {2: "#1a9850", 1: "#fdae61", 0: "#d73027"}
-    names, columns = list(images), len(titles)
-    fig, axes = plt.subplots(len(names), columns, figsize=(columns * scale + 1.6, len(names) * scale + 0.9),
-                             squeeze=False)
-    for r, name in enumerate(names):
-        for c, ax in enumerate(axes[r]):
-            ax.imshow(images[name][c], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_color(frame[sum(marks[name][c])])
-                spine.set_linewidth(3)
-            if r == 0:
-                ax.set_title(titles[c], fontsize=6, rotation=60, ha="left", va="bottom")
-        right = sum(all(m) for m in marks[name])
-        axes[r][0].set_ylabel(f"{name}\n{right}/{columns}", fontsize=7, rotation=0, ha="right", va="center")
+    groups = groups or [""] * len(titles)
+    panels = {g: [i for i, x in enumerate(groups) if x == g] for g in dict.fromkeys(groups)}
+    names, width = list(images), max(len(p) for p in panels.values())
+    fig = plt.figure(figsize=(width * scale + 1.8, len(panels) * (len(names) * scale + 0.9) + 0.4),
+                     layout="constrained")
+    for sub, (group, columns) in zip(np.atleast_1d(fig.subfigures(len(panels), 1)), panels.items()):
+        axes = sub.subplots(len(names), width, squeeze=False)
+        for r, name in enumerate(names):
+            for c, ax in enumerate(axes[r]):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c >= len(columns):  # a narrower panel: blank cells on the right
+                    ax.axis("off")
+                    continue
+                ax.imshow(images[name][columns[c]], interpolation="nearest")
+                for spine in ax.spines.values():
+                    spine.set_color(frame[sum(marks[name][columns[c]])])
+                    spine.set_linewidth(3)
+                if r == 0:
+                    ax.set_title(titles[columns[c]], fontsize=7)
+            right = sum(all(marks[name][i]) for i in columns)
+            axes[r][0].set_ylabel(f"{name}\n{right}/{len(columns)}", fontsize=8, rotation=0, ha="right", va="center")
+        if group:
+            sub.suptitle(f"{group} ({len(columns)} caption{'' if len(columns) == 1 else 's'})", fontsize=10,
+                         fontweight="bold")
     fig.suptitle("緑: 色と形が正しい / 橙: どちらか一方 / 赤: どちらも違う "
-                 "(green: colour and shape right, orange: one of them, red: neither)", fontsize=8)
-    fig.tight_layout()
+                 "(green: colour and shape right, orange: one of them, red: neither)", fontsize=9)
     return fig
 
 

@@ -131,3 +131,17 @@ def ratio_table(ratios: dict) -> dict:
     """``measure.clip_ratios`` as {model: {kind: "ratio (low-high, n)"}}: one column per model, one row per kind."""
     return {name: {kind: f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}, {r['n']})" for kind, r in rows.items()}
             for name, rows in ratios.items()}
+
+
+def rate(share: float, n: int) -> str:
+    """A rate as a reader should see it: "58% (26/45; 43%-71%)", the count and its 95 % Wilson interval."""
+    from .measure import wilson
+
+    hits = round(share * n)
+    low, high = wilson(hits, n)
+    return f"{share:.0%} ({hits}/{n}; {low:.0%}-{high:.0%})"
+
+
+def rates(scores: dict, keys: Sequence[str] = ("colour", "shape", "both")) -> dict:
+    """The judge's ``scores`` (``shapes.score``: shares and ``n``) with each share of ``keys`` as ``rate`` shows it."""
+    return {**{k: rate(scores[k], scores["n"]) for k in keys}, "n": scores["n"]}
