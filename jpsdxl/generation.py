@@ -156,18 +156,21 @@ def _settings(pipe) -> dict:
 @torch.no_grad()
 def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidance_scale: float,
               high_noise_frac: float, height: int, width: int, seed: int = 0, output_type: str = "pil",
-              callbacks=(None, None)):
+              callbacks=(None, None), refiner_prompt=None):
     """Base until ``high_noise_frac`` of the schedule, hand the latents over, refiner to the end.
 
     Returns the refiner's images (PIL by default) and the hand-off latents. ``callbacks``: diffusers'
     ``callback_on_step_end`` for the base and for the refiner (to watch the latents as they are denoised).
+    ``refiner_prompt``: what the refiner reads instead of ``prompt`` (an experiment: another refiner, another language).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     make = lambda: _generators(prompts, seed)  # noqa: E731
     latents = base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
                    guidance_scale=guidance_scale, denoising_end=high_noise_frac, height=height, width=width,
                    generator=make(), output_type="latent", callback_on_step_end=callbacks[0]).images
-    images = refiner(prompt=prompts, negative_prompt=negative_prompt, image=latents, num_inference_steps=steps,
+    refined = prompts if refiner_prompt is None else [refiner_prompt] if isinstance(refiner_prompt, str) \
+        else list(refiner_prompt)
+    images = refiner(prompt=refined, negative_prompt=negative_prompt, image=latents, num_inference_steps=steps,
                      guidance_scale=guidance_scale, denoising_start=high_noise_frac, generator=make(),
                      output_type=output_type, callback_on_step_end=callbacks[1]).images
     return images, latents
@@ -208,7 +211,10 @@ def generate(profile, base, refiner, prompt, refine: bool = True, **overrides):
     if not refine:
         kw.pop("high_noise_frac")
         return _joined([base_only(base, part, **kw) for part in batched(prompts, g.batch_size)]), None
-    images, latents = zip(*(two_stage(base, refiner, part, **kw) for part in batched(prompts, g.batch_size)))
+    parts, refined = batched(prompts, g.batch_size), kw.pop("refiner_prompt", None)
+    refined = [None] * len(parts) if refined is None else batched([refined] if isinstance(refined, str) else refined,
+                                                                   g.batch_size)
+    images, latents = zip(*(two_stage(base, refiner, part, refiner_prompt=r, **kw) for part, r in zip(parts, refined)))
     return _joined(images), _joined(latents)
 
 

@@ -20,6 +20,8 @@ import torch
 
 from jpsdxl import cli
 from jpsdxl import distillation as D
+from jpsdxl import shapes
+from jpsdxl.notebook import phrasings
 from jpsdxl.data import pair_stream
 from jpsdxl.core.profiles import DistillConfig, derive, load_profile, save_profile
 
@@ -648,3 +650,28 @@ def test_a_linked_stage_folder_is_refused(tiny, tmp_path, monkeypatch):
     (tmp_path / "runs" / "tiny" / "03_distillation").symlink_to(tmp_path)
     with pytest.raises(LinkInRuns, match="03_distillation is a link"):
         stage_dir(tiny, "distill")
+
+
+# -----------------------------------------------------------------------------
+# notebook 04's phrasing experiment, on a few steps: one row per mix, seed and tested phrasing
+
+
+def test_phrasing_mixes_train_on_their_own_captions_with_or_without_the_general_pairs(setup):
+    with_general = phrasings.with_captions(setup, [0, 5])
+    alone = phrasings.with_captions(setup, [0, 5], general=False)
+    assert with_general.extra_pairs == shapes.caption_pairs("train", [0, 5]) and len(with_general.extra_pairs) == 30
+    assert alone.splits.train == shapes.caption_pairs("train", [0, 5]) and alone.extra_pairs == []
+    assert with_general.splits.train is setup.splits.train
+
+
+def test_the_phrasing_experiment_judges_each_student_on_the_phrasings_its_mix_lacks(setup, pipelines):
+    rows = phrasings.run(setup, pipelines, steps=2, seeds=1, eval_seeds=(1000,), progress=False,
+                         mixes={1: [0], 2: [0, 5]}, without_general=(2,))
+    tested = {(r["k"], r["general pairs"], r["phrasing"]) for r in rows}
+    assert tested == {(1, True, 2), (1, True, 5), (1, True, 6), (2, True, 2), (2, True, 6), (2, False, 2), (2, False, 6)}
+    assert {r["kind"] for r in rows if r["k"] == 2 and r["phrasing"] == 6} == {"new order"}
+    assert all(r["n"] == 18 and len(r["colours"]) == 18 and 0 <= r["hits"] <= 18 for r in rows)
+    pooled = phrasings.summary(rows + rows)
+    assert all(r["n"] == 36 and r["seeds"] == 2 for r in pooled) and len(pooled) == len(rows)
+    table = phrasings.colour_confusion(rows, 2, 1)
+    assert sum(sum(row.values()) for row in table.values()) == 18 and set(table) == set(shapes.COLOURS)

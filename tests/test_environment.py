@@ -135,7 +135,7 @@ LAYERS = [
     ["jpsdxl.generation"],  # stage 4
     ["jpsdxl.shapes.training", "jpsdxl.notebook", "jpsdxl.notebook.overview", "jpsdxl.notebook.tables",
      "jpsdxl.notebook.measure", "jpsdxl.notebook.costs", "jpsdxl.notebook.plotting", "jpsdxl.notebook.colab",
-     "jpsdxl.notebook.claims"],
+     "jpsdxl.notebook.claims", "jpsdxl.notebook.phrasings"],
     ["jpsdxl.runner", "jpsdxl.rehearsal", "jpsdxl.cli"],
 ]
 

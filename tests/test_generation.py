@@ -266,3 +266,16 @@ def test_rates_carry_their_count_and_wilson_interval():
     assert round(low, 3) == 0.189 and round(high, 3) == 0.733
     assert measure.wilson(0, 10)[0] == 0.0 and measure.wilson(10, 10)[1] == 1.0 and measure.wilson(0, 0) == (0.0, 1.0)
     assert tables.rate(26 / 45, 45) == "58% (26/45; 43%-71%)"
+
+
+def test_the_refiner_can_read_a_prompt_of_its_own_in_every_batch(tiny, pipelines):
+    """``refiner_prompt`` reaches the refiner, batch by batch: the same prompts draw the same images, another prompt
+    for the refiner alone changes them (notebook 04 lets an English refiner finish Japanese base latents)."""
+    g = dataclasses.replace(tiny.generate, batch_size=1)
+    profile = dataclasses.replace(tiny, generate=g)
+    plain, _ = generation.generate(profile, *pipelines, ["a red circle", "a blue square"], output_type="np")
+    same, _ = generation.generate(profile, *pipelines, ["a red circle", "a blue square"], output_type="np",
+                                  refiner_prompt=["a red circle", "a blue square"])
+    other, _ = generation.generate(profile, *pipelines, ["a red circle", "a blue square"], output_type="np",
+                                   refiner_prompt=["a red circle", "a green triangle"])
+    assert np.array_equal(plain, same) and np.array_equal(plain[0], other[0]) and not np.allclose(plain[1], other[1])

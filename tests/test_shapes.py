@@ -47,9 +47,11 @@ def test_judge_can_fail():
 
 def test_captions_and_held_out_split():
     assert S.english_captions("red", "circle")[0] == "a red circle"
-    assert S.japanese_captions("red", "circle") == ["赤い丸", "赤色の円", "丸くて赤い図形"]
+    assert S.japanese_captions("red", "circle")[:3] == ["赤い丸", "赤色の円", "丸くて赤い図形"]
+    assert S.japanese_captions("green", "triangle")[5:] == ["色は緑、形は三角", "形は三角、色は緑", "三角形で緑色のもの"]
     train, held = S.caption_pairs("train"), S.caption_pairs("held_out")
-    assert not set(train) & set(held) and len(train) + len(held) == 18 * 3
+    assert not set(train) & set(held) and len(train) + len(held) == 18 * 5  # four trained phrasings, one held out
+    assert len(S.caption_pairs("train", [0])) == 15 and {ja for ja, _ in S.caption_pairs("train", [6])} >= {"形は丸、色は赤"}
     assert ("赤い丸", "a red circle") in train
     held_combos = {en for _, en in held if not _.endswith("図形")}
     assert held_combos == {f"a {c} {s}" for c, s in S.HELD_OUT_COMBINATIONS}
@@ -118,11 +120,20 @@ def test_held_out_kinds_label_every_held_out_caption():
 
     ja, _, targets = held_out_prompts()
     kinds = held_out_kinds()
-    assert len(kinds) == len(ja) == 24
-    assert {k: kinds.count(k) for k in set(kinds)} == {"new combination": 6, "new phrasing": 15, "both new": 3}
+    assert len(kinds) == len(ja) == 30
+    assert {k: kinds.count(k) for k in set(kinds)} == {"new combination": 12, "new phrasing": 15, "both new": 3}
     for prompt, (colour, shape), kind in zip(ja, targets, kinds):
         assert (kind != "new phrasing") == ((colour, shape) in shapes.HELD_OUT_COMBINATIONS), prompt
         assert (kind == "new combination") == (prompt not in [shapes.japanese_captions(colour, shape)[2]]), prompt
+
+
+def test_a_phrasing_is_new_in_its_order_its_word_forms_or_both():
+    """Relative to the phrasings a student trained on: 形は丸、色は赤 after 色は赤、形は丸 is the same words in a new order;
+    丸くて赤い図形 after a shape-first phrasing brings new forms in a known order; 赤い円 after 赤い丸 and 赤色の円 is a new
+    pairing of known words."""
+    assert S.phrasing_kind(6, [0, 5]) == "new order"
+    assert S.phrasing_kind(2, [0, 1, 5, 6]) == "new forms" and S.phrasing_kind(5, [0, 1]) == "new forms"
+    assert S.phrasing_kind(2, [0, 1]) == "both new" and S.phrasing_kind(3, [0, 1]) == "new pairing"
 
 
 def test_breakdown_scores_each_group_of_prompts_apart():

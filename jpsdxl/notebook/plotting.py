@@ -154,3 +154,56 @@ def training_curves(logs: dict[str, list], keys=("eval_loss", "eval_pool100_top1
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def phrasing_curve(summary: list[dict], held_out: int, title: str = ""):
+    """Both-right rate on each tested phrasing against k, the number of phrasings stage 3 trained on (rows of
+    ``phrasings.summary``), with 95 % Wilson intervals; hollow markers: trained without the general sentence pairs."""
+    import matplotlib.pyplot as plt
+
+    from .measure import wilson
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for phrasing in sorted({r["phrasing"] for r in summary}):
+        for general in (True, False):
+            rows = sorted((r for r in summary if r["phrasing"] == phrasing and r["general pairs"] == general),
+                          key=lambda r: r["k"])
+            if not rows:
+                continue
+            ks, rates = [r["k"] for r in rows], [r["both right"] for r in rows]
+            low, high = zip(*(wilson(r["hits"], r["n"]) for r in rows))
+            label = f"「{rows[0]['example']}」" + (" (held out of stage 3)" if phrasing == held_out else "")
+            ax.errorbar(ks, rates, yerr=[[r - lo for r, lo in zip(rates, low)], [hi - r for r, hi in zip(rates, high)]],
+                        marker="o", capsize=3, mfc="white" if not general else None, ls="-" if general else "none",
+                        label=label + ("" if general else ", captions only"))
+    ax.axhline(0.8, color="grey", ls=":", lw=1)
+    ax.set_xticks(sorted({r["k"] for r in summary}))
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("学習した言い回しの数 k (phrasings stage 3 trained on)")
+    ax.set_ylabel("both right (95 % interval)")
+    ax.set_title(title or "見たことのない言い回し (phrasings never trained on)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def colour_confusion(table: dict[str, dict[str, int]], title: str = ""):
+    """A heat map of ``phrasings.colour_confusion``: asked colour (rows) against the colour the judge found."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    asked = list(table)
+    found = asked + sorted({f for row in table.values() for f in row} - set(asked))
+    counts = np.array([[table[a].get(f, 0) for f in found] for a in asked])
+    fig, ax = plt.subplots(figsize=(0.55 * len(found) + 2, 0.45 * len(asked) + 1.4))
+    ax.imshow(counts, cmap="Blues")
+    for (r, c), v in np.ndenumerate(counts):
+        if v:
+            ax.text(c, r, v, ha="center", va="center", fontsize=8, color="white" if v > counts.max() / 2 else "black")
+    ax.set_xticks(range(len(found)), found, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(asked)), asked, fontsize=8)
+    ax.set_xlabel("judged colour")
+    ax.set_ylabel("asked colour")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

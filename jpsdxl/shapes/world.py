@@ -14,23 +14,25 @@ from itertools import product
 import numpy as np
 
 __all__ = [
-    "IMAGE_SIZE", "COLOURS", "SHAPES", "ENGLISH_TEMPLATES", "JAPANESE_TEMPLATES", "HELD_OUT_COMBINATIONS",
-    "HELD_OUT_JAPANESE_TEMPLATES", "combinations", "english_captions", "japanese_captions", "caption_pairs",
-    "held_out_prompts", "held_out_kinds", "Shape", "render", "random_shape", "sample", "PALETTE_HUES", "Verdict",
-    "judge", "marks", "score", "english_prompts", "EVAL_SEEDS", "draws_shapes", "judged_seeds", "judged_sample"
+    "IMAGE_SIZE", "COLOURS", "SHAPES", "ENGLISH_TEMPLATES", "JAPANESE_TEMPLATES", "SHAPE_FIRST",
+    "TRAINED_JAPANESE_TEMPLATES", "HELD_OUT_COMBINATIONS", "HELD_OUT_JAPANESE_TEMPLATES", "phrasing_kind",
+    "combinations", "english_captions", "japanese_captions", "caption_pairs", "held_out_prompts", "held_out_kinds",
+    "held_out_phrasings", "Shape", "render", "random_shape", "sample", "PALETTE_HUES", "Verdict", "judge", "marks",
+    "score", "english_prompts", "EVAL_SEEDS", "draws_shapes", "judged_seeds", "judged_sample",
 ]
 
 IMAGE_SIZE = 32
 
 # name -> (RGB, Japanese forms). Hues 0, 60, 120, 180, 240 and 282 degrees: saturated, far apart on the wheel.
-#   adj: attributive adjective (赤い丸), mod: "colour-noun + の" (赤色の円), pred: predicate after a te-form (丸くて赤い)
+#   adj: attributive (赤い丸), mod: "colour-noun + の" (赤色の円), pred: predicate after a te-form (丸くて赤い),
+#   noun: the bare colour noun (色は赤)
 COLOURS = {
-    "red": dict(rgb=(255, 0, 0), adj="赤い", mod="赤色の", pred="赤い"),
-    "yellow": dict(rgb=(255, 255, 0), adj="黄色い", mod="黄色の", pred="黄色い"),
-    "green": dict(rgb=(0, 255, 0), adj="緑の", mod="緑色の", pred="緑色の"),
-    "cyan": dict(rgb=(0, 255, 255), adj="水色の", mod="水色の", pred="水色の"),
-    "blue": dict(rgb=(0, 0, 255), adj="青い", mod="青色の", pred="青い"),
-    "purple": dict(rgb=(180, 0, 255), adj="紫の", mod="紫色の", pred="紫色の"),
+    "red": dict(rgb=(255, 0, 0), adj="赤い", mod="赤色の", pred="赤い", noun="赤"),
+    "yellow": dict(rgb=(255, 255, 0), adj="黄色い", mod="黄色の", pred="黄色い", noun="黄色"),
+    "green": dict(rgb=(0, 255, 0), adj="緑の", mod="緑色の", pred="緑色の", noun="緑"),
+    "cyan": dict(rgb=(0, 255, 255), adj="水色の", mod="水色の", pred="水色の", noun="水色"),
+    "blue": dict(rgb=(0, 0, 255), adj="青い", mod="青色の", pred="青い", noun="青"),
+    "purple": dict(rgb=(180, 0, 255), adj="紫の", mod="紫色の", pred="紫色の", noun="紫"),
 }
 # name -> Japanese forms: short noun (赤い丸), formal noun (赤色の円), te-form (丸くて赤い図形)
 SHAPES = {
@@ -39,10 +41,23 @@ SHAPES = {
     "triangle": dict(short="三角", formal="三角形", te="三角形で"),
 }
 ENGLISH_TEMPLATES = ["a {colour} {shape}", "a {shape} that is {colour}", "{colour} {shape} on a white background"]
-JAPANESE_TEMPLATES = ["{adj}{short}", "{mod}{formal}", "{te}{pred}図形"]
+# A family of Japanese phrasings that vary word order, particles and word forms independently (notebook 04's
+# experiment): colour first or shape first, adjective or の-form, short or formal noun, te-form, 色は/形は labels.
+JAPANESE_TEMPLATES = [
+    "{adj}{short}",             # 0 赤い丸
+    "{mod}{formal}",            # 1 赤色の円
+    "{te}{pred}図形",            # 2 丸くて赤い図形   shape first
+    "{adj}{formal}",            # 3 赤い円
+    "{mod}{short}",             # 4 赤色の丸
+    "色は{noun}、形は{short}",    # 5 色は赤、形は丸
+    "形は{short}、色は{noun}",    # 6 形は丸、色は赤   shape first
+    "{te}{pred}もの",            # 7 丸くて赤いもの   shape first
+]
+SHAPE_FIRST = {2, 6, 7}
 
-# Held out of stage 3's JA-EN training pairs (stage 4 tests on them): three combinations, one per shape and no colour
-# twice, in every phrasing; and the third Japanese phrasing for every combination.
+# Stage 3 trains on these phrasings (notebook 04's experiment: the mix that teaches an unseen phrasing best), and
+# never on three combinations (one per shape, no colour twice) nor on phrasing 2: stage 4 tests on those.
+TRAINED_JAPANESE_TEMPLATES = [0, 1, 5, 6]
 HELD_OUT_COMBINATIONS = [("cyan", "circle"), ("purple", "square"), ("yellow", "triangle")]
 HELD_OUT_JAPANESE_TEMPLATES = [2]
 
@@ -56,43 +71,61 @@ def english_captions(colour: str, shape: str) -> list[str]:
 
 
 def japanese_captions(colour: str, shape: str) -> list[str]:
+    """The combination in every phrasing of ``JAPANESE_TEMPLATES``, in order."""
     return [t.format(**COLOURS[colour], **SHAPES[shape]) for t in JAPANESE_TEMPLATES]
 
 
-def caption_pairs(split: str = "train") -> list[tuple[str, str]]:
-    """(Japanese, English) caption pairs: ``"train"`` (what stage 3 may train on) or ``"held_out"`` (stage 4's tests).
+def caption_pairs(split: str = "train", templates: list[int] | None = None) -> list[tuple[str, str]]:
+    """(Japanese, English) caption pairs: ``"train"``, the training combinations in the phrasings ``templates``
+    (default: stage 3's, ``TRAINED_JAPANESE_TEMPLATES``); ``"held_out"``, stage 4's test: the held-out combinations
+    in those phrasings, then every combination in the held-out phrasings. Each Japanese phrasing is paired with the
+    first English phrasing ("a red circle"), the one the English model is tested with."""
+    trained = TRAINED_JAPANESE_TEMPLATES if templates is None else templates
+    return [(ja, en) for ja, en, _, kind, _ in _captions(trained) if (kind == "trained") == (split == "train")]
 
-    Each Japanese phrasing is paired with the first English phrasing ("a red circle"), the one the English model
-    is tested with.
-    """
-    out = []
+
+def _captions(trained: list[int]):
+    """(Japanese, English, (colour, shape), kind, phrasing) for every combination in ``trained`` and the held-out
+    phrasings; kind: what stage 3 never saw about it ("trained" if nothing)."""
     for colour, shape in combinations():
-        en = english_captions(colour, shape)[0]
-        for i, ja in enumerate(japanese_captions(colour, shape)):
-            held = (colour, shape) in HELD_OUT_COMBINATIONS or i in HELD_OUT_JAPANESE_TEMPLATES
-            if held == (split == "held_out"):
-                out.append((ja, en))
-    return out
+        en, captions = english_captions(colour, shape)[0], japanese_captions(colour, shape)
+        for i in dict.fromkeys([*trained, *HELD_OUT_JAPANESE_TEMPLATES]):
+            combo, phrasing = (colour, shape) in HELD_OUT_COMBINATIONS, i not in trained
+            kind = ("both new" if combo and phrasing else "new combination" if combo else
+                    "new phrasing" if phrasing else "trained")
+            yield captions[i], en, (colour, shape), kind, i
+
+
+def phrasing_kind(template: int, trained: list[int]) -> str:
+    """What a phrasing brings that the ``trained`` ones lack: ``"new order"`` (only words they use, in an order
+    none of them has), ``"new forms"`` (words none of them uses, in an order one has), ``"both new"``, or
+    ``"new pairing"`` (their words, in their orders)."""
+    def words(i):  # every word the phrasing can put in a caption, its fixed words split at the comma
+        marked = ({k: f"|{v}|" for k, v in {**COLOURS[c], **SHAPES[s]}.items() if k != "rgb"}
+                  for c, s in combinations())
+        return {w for m in marked for w in JAPANESE_TEMPLATES[i].format(**m).replace("、", "|").split("|") if w}
+    forms = words(template) <= set().union(*(words(i) for i in trained))
+    order = (template in SHAPE_FIRST) in {i in SHAPE_FIRST for i in trained}
+    return {(True, True): "new pairing", (True, False): "new order", (False, True): "new forms"}.get((forms, order),
+                                                                                                    "both new")
 
 
 def held_out_prompts() -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Stage 4's test: the held-out Japanese captions, their English captions and the (colour, shape) each asks for."""
-    pairs = caption_pairs("held_out")
-    lookup = {english_captions(c, s)[0]: (c, s) for c, s in combinations()}
-    return [ja for ja, _ in pairs], [en for _, en in pairs], [lookup[en] for _, en in pairs]
+    held = [c for c in _captions(TRAINED_JAPANESE_TEMPLATES) if c[3] != "trained"]
+    return [c[0] for c in held], [c[1] for c in held], [c[2] for c in held]
 
 
 def held_out_kinds() -> list[str]:
     """For each of ``held_out_prompts()``, what about it stage 3 never saw: ``"new combination"`` (a held-out
-    colour-shape pair in a trained phrasing), ``"new phrasing"`` (a trained pair in the held-out phrasing) or
+    colour-shape pair in a trained phrasing), ``"new phrasing"`` (a trained pair in a held-out phrasing) or
     ``"both new"``."""
-    kinds = []
-    for colour, shape in combinations():  # the order of caption_pairs("held_out")
-        for i, _ in enumerate(JAPANESE_TEMPLATES):
-            combo, phrasing = (colour, shape) in HELD_OUT_COMBINATIONS, i in HELD_OUT_JAPANESE_TEMPLATES
-            if combo or phrasing:
-                kinds.append("both new" if combo and phrasing else "new combination" if combo else "new phrasing")
-    return kinds
+    return [c[3] for c in _captions(TRAINED_JAPANESE_TEMPLATES) if c[3] != "trained"]
+
+
+def held_out_phrasings() -> list[int]:
+    """For each of ``held_out_prompts()``, its phrasing (an index of ``JAPANESE_TEMPLATES``)."""
+    return [c[4] for c in _captions(TRAINED_JAPANESE_TEMPLATES) if c[3] != "trained"]
 
 
 # -----------------------------------------------------------------------------
