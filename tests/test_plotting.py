@@ -30,12 +30,12 @@ def test_judged_grid_frames_each_image_by_the_judges_marks():
 
     images = {"a": np.zeros((3, 8, 8, 3), np.uint8), "b": np.zeros((3, 8, 8, 3), np.uint8)}
     marks = {"a": [(True, True), (True, False), (False, False)], "b": [(False, True)] * 3}
-    fig = judged_grid(images, marks, ["赤い丸", "青い四角", "緑の三角"])
+    fig = judged_grid(images, marks, ["赤い丸", "青い四角", "三角形で緑色の図形"])
     axes = np.array(fig.axes).reshape(2, 3)
     assert [[to_hex(ax.spines["top"].get_edgecolor()) for ax in row] for row in axes] == [
         ["#1a9850", "#fdae61", "#d73027"], ["#fdae61"] * 3]
     assert axes[0][0].get_ylabel() == "a\n1/3" and axes[1][0].get_ylabel() == "b\n0/3"
-    assert axes[0][2].get_title() == "緑の三角"
+    assert axes[0][0].get_title() == "赤い丸" and axes[0][2].get_title() == "三角形で\n緑色の図形"  # long: two lines
     plt.close(fig)
 
 

@@ -6,6 +6,7 @@
     costs.py      notebook 03: FLOPs per pair, hours for the card's 41.4M pairs at a measured rate
     plotting.py   Japanese fonts, image grids, training curves
     claims.py     each reading's claims, checked beside its text and saved with the metrics
+    phrasings.py  notebook 04's experiment: which training phrasings teach an unseen one
     colab.py      each notebook's Colab setup: install, and keep runs/ on Google Drive
 
 Nothing in the four stages imports from here.

@@ -89,6 +89,19 @@ def demo_grid(real: dict, scale: float = 2.2):
                       columns=len(demo), scale=scale)
 
 
+def _two_lines(caption: str, width: int = 6) -> str:
+    """A caption longer than ``width`` characters over two lines (at the space nearest its middle, else after 、, て
+    or で where it has one), so that neighbouring column titles do not run into each other."""
+    if len(caption) <= width:
+        return caption
+    spaces = [i for i, c in enumerate(caption) if c == " "]
+    if spaces:
+        cut = min(spaces, key=lambda i: abs(i - len(caption) / 2))
+        return caption[:cut] + "\n" + caption[cut + 1:]
+    cut = next((caption.index(c) + 1 for c in "、てで" if c in caption[1:-1]), len(caption) // 2)
+    return caption[:cut] + "\n" + caption[cut:]
+
+
 def judged_grid(images: dict, marks: dict[str, list[tuple[bool, bool]]], titles: list[str],
                 groups: list[str] | None = None, scale: float = 0.85):
     """One panel per group of prompts (``groups``: a label per prompt, e.g. ``shapes.held_out_kinds()``), in it
@@ -118,7 +131,7 @@ def judged_grid(images: dict, marks: dict[str, list[tuple[bool, bool]]], titles:
                     spine.set_color(frame[sum(marks[name][columns[c]])])
                     spine.set_linewidth(3)
                 if r == 0:
-                    ax.set_title(titles[columns[c]], fontsize=7)
+                    ax.set_title(_two_lines(titles[columns[c]]), fontsize=7)
             right = sum(all(marks[name][i]) for i in columns)
             axes[r][0].set_ylabel(f"{name}\n{right}/{len(columns)}", fontsize=8, rotation=0, ha="right", va="center")
         if group:
