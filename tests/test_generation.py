@@ -80,10 +80,17 @@ def test_the_denoising_snapshots_follow_the_schedule_and_end_on_the_generated_im
     assert all(image.shape == final[0].shape for _, image in shots)
 
 
-def test_the_stage_clock_times_one_batch_in_two_parts(tiny, pipelines):
+def test_the_stage_clock_times_one_batch_in_two_parts(tiny, pipelines, monkeypatch):
+    """The clock is read at the start, at every base step (the last one splits the two stages) and at the end: a
+    fake clock that ticks once per reading makes the split exact, with no real time compared."""
+    import time
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    g = tiny.generate
     timing = measure.stage_seconds(tiny, *pipelines, ["a cat"] * 5)
-    assert timing["images"] == min(5, tiny.generate.batch_size)
-    assert timing["base_seconds"] > 0 and timing["refiner_seconds"] > 0
+    assert timing["images"] == min(5, g.batch_size)
+    assert timing["base_seconds"] == round(g.steps * g.high_noise_frac) and timing["refiner_seconds"] == 1
 
 
 def test_base_alone_runs_every_step_and_no_refiner(tiny, pipelines, monkeypatch):
