@@ -196,9 +196,16 @@ def text_parts(folder: str | Path, variant: str | None = None, dtype=None) -> tu
         te, te_2 = (cls.from_pretrained(folder / name, **kw).eval() for cls, name in
                     ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")))
     tok, tok_2 = tokenizer_pair(folder)
-    for tok_, te_ in ((tok, te), (tok_2, te_2)):  # a tokenizer saved with its language model's length (LINE's: 2048)
-        tok_.model_max_length = min(tok_.model_max_length, te_.config.max_position_embeddings)  # pads to that
+    _fit_lengths((tok, te), (tok_2, te_2))
     return te, te_2, tok, tok_2
+
+
+def _fit_lengths(*pairs) -> None:
+    """Each (tokenizer, text encoder) pair: the tokenizer pads and truncates to what its encoder can read, not to the
+    length its file was saved with (LINE's: its language model's 2048)."""
+    for tok, te in pairs:
+        if tok is not None and te is not None:
+            tok.model_max_length = min(tok.model_max_length, te.config.max_position_embeddings)
 
 
 def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, device="cpu", variant: str | None = None,
@@ -211,10 +218,9 @@ def load_assembled(folder: str | Path | JapaneseModel, dtype=torch.float32, devi
         base_dir, refiner_dir, variant = folder.base, folder.refiner, folder.variant or variant
     else:
         base_dir, refiner_dir = Path(folder) / "base", Path(folder) / "refiner"
-    base, refiner = from_pretrained_pair(base_dir, refiner_dir, dtype, variant if has_variant(base_dir, variant) else None)
-    for tok, te in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
-        if tok is not None and te is not None:  # a tokenizer saved with its language model's length (LINE's: 2048)
-            tok.model_max_length = min(tok.model_max_length, te.config.max_position_embeddings)  # pads to that
+    variant = variant if has_variant(base_dir, variant) else None
+    base, refiner = from_pretrained_pair(base_dir, refiner_dir, dtype, variant)
+    _fit_lengths((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2))
     for pipe in (base, refiner):
         if offload:
             pipe.enable_model_cpu_offload(device=device)

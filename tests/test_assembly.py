@@ -354,3 +354,21 @@ def test_a_tokenizer_that_does_not_fit_its_text_encoder_is_refused_before_drawin
     out = tmp_path / "x.png"
     assert main(["generate", "赤い丸", "--model", str(copy), "--out", str(out), "--steps", "1"]) == 2
     assert not out.exists() and "not trained together" in capsys.readouterr().err
+
+
+def test_a_tokenizer_saved_with_its_language_models_length_pads_to_what_its_encoder_reads(model, tmp_path):
+    """LINE's tokenizer files say 2048 (its language model's context); loaded beside a text encoder of 77 positions,
+    both loaders cap the tokenizer at 77, or padding to "max_length" would make ids the encoder cannot read."""
+    import json
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, symlinks=True)
+    for part in ("tokenizer", "tokenizer_2"):
+        config = copy / "base" / part / "tokenizer_config.json"
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": 2048}))
+    te, te_2, tok, tok_2 = A.text_parts(copy / "base")
+    base, _ = A.load_assembled(copy)
+    assert te.config.max_position_embeddings == 77 and te_2.config.max_position_embeddings == 77
+    assert tok.model_max_length == tok_2.model_max_length == 77
+    assert base.tokenizer.model_max_length == base.tokenizer_2.model_max_length == 77
