@@ -59,7 +59,6 @@ class HeldOut:
         return metrics
 
 
-
 # -----------------------------------------------------------------------------
 # 2. students and teachers
 
@@ -616,9 +615,9 @@ def compare(setup: Setup, variants: dict[str, dict], steps: int, seeds: int | No
     shows how much of a difference between variants is luck.
 
     Each run is evaluated ``points`` times along the way (and at step 0), on the first ``distill.compare_eval_pairs``
-    pairs of the validation split (these runs choose settings: the test pairs stay for the results). The warm-up is scaled to the budget (the same
-    share of it as in the profile's run), so a short run is not mostly warm-up. The runs keep their logs and metrics,
-    not their students (freed as each run ends)."""
+    pairs of the validation split (these runs choose settings: the test pairs stay for the results). The warm-up is
+    scaled to the budget (the same share of it as in the profile's run), so a short run is not mostly warm-up. The
+    runs keep their logs and metrics, not their students (freed as each run ends)."""
     import dataclasses
 
     from tqdm.auto import tqdm

@@ -163,17 +163,21 @@ def two_stage(base, refiner, prompt, negative_prompt=None, *, steps: int, guidan
     ``callback_on_step_end`` for the base and for the refiner (to watch the latents as they are denoised).
     ``refiner_prompt``: what the refiner reads instead of ``prompt`` (an experiment: another refiner, another language).
     """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = _listed(prompt)
     make = lambda: _generators(prompts, seed)  # noqa: E731
     latents = base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
                    guidance_scale=guidance_scale, denoising_end=high_noise_frac, height=height, width=width,
                    generator=make(), output_type="latent", callback_on_step_end=callbacks[0]).images
-    refined = prompts if refiner_prompt is None else [refiner_prompt] if isinstance(refiner_prompt, str) \
-        else list(refiner_prompt)
+    refined = prompts if refiner_prompt is None else _listed(refiner_prompt)
     images = refiner(prompt=refined, negative_prompt=negative_prompt, image=latents, num_inference_steps=steps,
                      guidance_scale=guidance_scale, denoising_start=high_noise_frac, generator=make(),
                      output_type=output_type, callback_on_step_end=callbacks[1]).images
     return images, latents
+
+
+def _listed(prompt) -> list[str]:
+    """A prompt or a list of prompts, as a list: what the pipelines batch over."""
+    return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
 def _generators(prompts, seed: int):
@@ -185,7 +189,7 @@ def _generators(prompts, seed: int):
 def base_only(base, prompt, negative_prompt=None, *, steps: int, guidance_scale: float, height: int, width: int,
               seed: int = 0, output_type: str = "pil"):
     """The base alone over the whole schedule, decoded: set against ``two_stage`` it shows what the refiner adds."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = _listed(prompt)
     return base(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width, generator=_generators(prompts, seed),
                 output_type=output_type).images
@@ -207,13 +211,12 @@ def generate(profile, base, refiner, prompt, refine: bool = True, **overrides):
     g = profile.generate
     kw = dict(steps=g.steps, guidance_scale=g.guidance_scale, high_noise_frac=g.high_noise_frac, height=g.height,
               width=g.width, seed=profile.seed) | overrides
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = _listed(prompt)
     if not refine:
         kw.pop("high_noise_frac")
         return _joined([base_only(base, part, **kw) for part in batched(prompts, g.batch_size)]), None
     parts, refined = batched(prompts, g.batch_size), kw.pop("refiner_prompt", None)
-    refined = [None] * len(parts) if refined is None else batched([refined] if isinstance(refined, str) else refined,
-                                                                   g.batch_size)
+    refined = [None] * len(parts) if refined is None else batched(_listed(refined), g.batch_size)
     images, latents = zip(*(two_stage(base, refiner, part, refiner_prompt=r, **kw) for part, r in zip(parts, refined)))
     return _joined(images), _joined(latents)
 

@@ -19,7 +19,7 @@ def reading(text: str, checks: dict[str, bool | None], **numbers) -> None:
     this run's numbers bear it out; ``None``: the claim is about another profile's world, not checked here)."""
     from IPython.display import Markdown, display  # the notebooks' kernel has it (the notebooks extra; Colab)
 
-    _recorded.update({claim: None if holds is None else bool(holds) for claim, holds in checks.items()})
+    _recorded.update(_verdicts(checks))
     display(Markdown(render(text, checks, **numbers)))
 
 
@@ -28,9 +28,13 @@ def render(text: str, checks: dict[str, bool | None], **numbers) -> str:
     marks = {None: "○", True: "✓", False: "✗"}
     notes = {None: " (not checked on this profile)", True: "",
              False: ": **this run disagrees**; believe the numbers above, not the text"}
-    lines = [f"- {marks[v]} {claim}{notes[v]}" for claim, v in
-             ((claim, None if holds is None else bool(holds)) for claim, holds in checks.items())]
+    lines = [f"- {marks[v]} {claim}{notes[v]}" for claim, v in _verdicts(checks).items()]
     return "\n".join([text.strip().format(**numbers), "", *lines])
+
+
+def _verdicts(checks: dict) -> dict[str, bool | None]:
+    """Each check as ``True``/``False`` (numpy booleans included), ``None`` left as not checked."""
+    return {claim: None if holds is None else bool(holds) for claim, holds in checks.items()}
 
 
 def recorded() -> dict[str, bool | None]:

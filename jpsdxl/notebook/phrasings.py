@@ -39,7 +39,7 @@ def run(setup, english, steps: int, seeds: int = 2, eval_seeds=(1000,), mixes: d
     todo = [(k, general, seed) for k in mixes for general in ((True, False) if k in without_general else (True,))
             for seed in range(p.seed, p.seed + seeds)]
     quiet = setup.validation(2)  # the students are judged by their images: the trainer's own evaluation on 2 pairs
-    rows = []
+    rows, targets = [], combinations()
     for k, general, seed in tqdm(todo, desc="phrasing mixes", disable=not progress):
         trained = dataclasses.replace(with_captions(setup, mixes[k], general), held_out=quiet)
         students = distil(trained, steps=steps, seed=seed, eval_every=steps, progress=False,
@@ -47,7 +47,6 @@ def run(setup, english, steps: int, seeds: int = 2, eval_seeds=(1000,), mixes: d
         pipes = place(p, *with_text_parts(english, students.text_encoder, students.text_encoder_2,
                                           setup.tokenizer, setup.tokenizer_2))
         for template in (t for t in TESTED if t not in mixes[k]):
-            targets = combinations()
             prompts = [japanese_captions(c, s)[template] for c, s in targets]
             scores, images = evaluate(p, *pipes, prompts, targets, seeds=eval_seeds)
             seen = [judge(image).colour for image in images.reshape(-1, *images.shape[2:])]
