@@ -112,20 +112,25 @@ def phrasing_kind(template: int, trained: list[int]) -> str:
 
 def held_out_prompts() -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Stage 4's test: the held-out Japanese captions, their English captions and the (colour, shape) each asks for."""
-    held = [c for c in _captions(TRAINED_JAPANESE_TEMPLATES) if c[3] != "trained"]
+    held = _held_out()
     return [c[0] for c in held], [c[1] for c in held], [c[2] for c in held]
+
+
+def _held_out() -> list[tuple]:
+    """The captions stage 4 tests on (every ``_captions`` entry not "trained"): one order for the three lists."""
+    return [c for c in _captions(TRAINED_JAPANESE_TEMPLATES) if c[3] != "trained"]
 
 
 def held_out_kinds() -> list[str]:
     """For each of ``held_out_prompts()``, what about it stage 3 never saw: ``"new combination"`` (a held-out
     colour-shape pair in a trained phrasing), ``"new phrasing"`` (a trained pair in a held-out phrasing) or
     ``"both new"``."""
-    return [c[3] for c in _captions(TRAINED_JAPANESE_TEMPLATES) if c[3] != "trained"]
+    return [c[3] for c in _held_out()]
 
 
 def held_out_phrasings() -> list[int]:
     """For each of ``held_out_prompts()``, its phrasing (an index of ``JAPANESE_TEMPLATES``)."""
-    return [c[4] for c in _captions(TRAINED_JAPANESE_TEMPLATES) if c[3] != "trained"]
+    return [c[4] for c in _held_out()]
 
 
 # -----------------------------------------------------------------------------
